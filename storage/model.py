@@ -1,0 +1,157 @@
+"""The persisted shapes: a task, the counters, and the write-ahead-log records.
+
+These are shared by the queue actor (which owns and mutates tasks) and by storage (which writes and
+reads them), so they live here, below both. The state machine that decides *which* record to write
+lives in `actors/task_states.py`; a record only carries the absolute values a change produced, so
+that replaying it is a plain assignment and replaying it twice is harmless.
+
+Every persisted format carries a version: WAL segments in their header, snapshots in a column. When a
+record changes shape, add a new record type and keep reading the old one.
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+
+class TaskState:
+    """The states of PROTOCOL.md; terminal ones leave memory for `task_history`."""
+
+    SCHEDULED = "scheduled"
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+class Task(Struct, gc=False):
+    """One task. Mutable: only the queue actor changes it, and snapshots copy it first."""
+
+    task_id: str
+    queue: str
+    kind: str
+    payload: bytes
+    priority: int
+    state: str
+    attempts: int
+    max_retries: int
+    lease_ms: int
+    submitted_at: float
+    run_at: float
+    ready_seq: int = 0  # order in which it became pending: FIFO among equal priorities
+    unique_key: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+    result: bytes | None = None
+    error: str | None = None
+
+
+class Counters(Struct, gc=False):
+    """Totals since the data dir was created; snapshotted and rebuilt by WAL replay."""
+
+    submitted_total: int = 0
+    completed_total: int = 0
+    failed_total: int = 0
+    cancelled_total: int = 0
+    retried_total: int = 0
+
+    def count_finished(self, state: str) -> None:
+        if state == TaskState.COMPLETED:
+            self.completed_total += 1
+        elif state == TaskState.FAILED:
+            self.failed_total += 1
+        elif state == TaskState.CANCELLED:
+            self.cancelled_total += 1
+
+
+# ---------------------------------------------------------------- WAL records (format version 1)
+
+
+class TaskSubmitted(Struct, tag="submitted", gc=False):
+    """A new task, whole. Replay: insert it; counts toward submitted_total."""
+
+    task: Task
+
+
+class TaskChanged(Struct, tag="changed", gc=False):
+    """A live task's mutable fields after a claim, retry, lease expiry, reclaim or deregister."""
+
+    task_id: str
+    state: str
+    attempts: int
+    run_at: float
+    ready_seq: int
+    worker_id: str | None
+    started_at: float | None
+    lease_expires_at: float | None
+    error: str | None
+    retried: bool = False  # counts toward retried_total
+
+
+class LeasesRenewed(Struct, tag="renewed", gc=False):
+    """A heartbeat's lease renewals: `lease_expires_at[i]` is the new expiry of `task_ids[i]`."""
+
+    task_ids: list[str]
+    lease_expires_at: list[float]
+
+
+class TaskFinished(Struct, tag="finished", gc=False):
+    """A task reached a terminal state; it leaves the live set and goes to task_history."""
+
+    task_id: str
+    state: str
+    attempts: int
+    finished_at: float
+    worker_id: str | None
+    result: bytes | None
+    error: str | None
+
+
+WalRecord = TaskSubmitted | TaskChanged | LeasesRenewed | TaskFinished
+
+
+def apply_record(record: WalRecord, tasks: dict[str, Task], counters: Counters) -> Task | None:
+    """Replays one record onto `tasks`; returns the task it finished, if it finished one.
+
+    Records for tasks that are not live (already finished before the snapshot) are skipped.
+    """
+    if isinstance(record, TaskSubmitted):
+        if record.task.task_id not in tasks:
+            counters.submitted_total += 1
+        tasks[record.task.task_id] = record.task
+        return None
+    if isinstance(record, LeasesRenewed):
+        for task_id, expires in zip(record.task_ids, record.lease_expires_at, strict=True):
+            task = tasks.get(task_id)
+            if task is not None:
+                task.lease_expires_at = expires
+        return None
+    task = tasks.get(record.task_id)
+    if task is None:
+        return None
+    if isinstance(record, TaskChanged):
+        task.state = record.state
+        task.attempts = record.attempts
+        task.run_at = record.run_at
+        task.ready_seq = record.ready_seq
+        task.worker_id = record.worker_id
+        task.started_at = record.started_at
+        task.lease_expires_at = record.lease_expires_at
+        task.error = record.error
+        if record.retried:
+            counters.retried_total += 1
+        return None
+    task.state = record.state
+    task.attempts = record.attempts
+    task.finished_at = record.finished_at
+    task.worker_id = record.worker_id
+    task.result = record.result
+    task.error = record.error
+    task.lease_expires_at = None
+    del tasks[record.task_id]
+    counters.count_finished(record.state)
+    return task

@@ -1,0 +1,338 @@
+"""Protocol v1 messages: one msgspec Struct per frame type (see docs/protocol.md).
+
+Each class's `type_byte` ClassVar is the single source of its frame type byte; `REQUEST_TYPES` and
+`RESPONSE_TYPES` are derived from it. Field constraints live in the type annotations so that msgspec's
+validation error names the offending field (`... - at $.task.priority`). Every size a client can send
+is bounded here or by `broker.max_frame_bytes`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from msgspec import Meta, Struct
+
+U32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
+Text200 = Annotated[str, Meta(min_length=1, max_length=200)]
+QueueName = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]
+TaskId = Annotated[str, Meta(min_length=1, max_length=200)]
+WorkerId = Annotated[str, Meta(min_length=1, max_length=200)]
+PriorityName = Literal["high", "normal", "low"]
+Priority = Annotated[int, Meta(ge=0, le=255)] | PriorityName
+LeaseMs = Annotated[int, Meta(ge=100, le=86_400_000)]
+ErrorText = Annotated[str, Meta(max_length=65_536)]
+
+PRIORITY_BY_NAME: dict[str, int] = {"high": 255, "normal": 150, "low": 50}
+
+
+def priority_value(priority: int | str) -> int:
+    """The numeric priority (0–255) of a TaskSpec priority given as a number or a tier name."""
+    return priority if isinstance(priority, int) else PRIORITY_BY_NAME[priority]
+
+
+def priority_tier(priority: int) -> PriorityName:
+    """The tier a numeric priority falls in: high 200–255, normal 100–199, low 0–99."""
+    if priority >= 200:
+        return "high"
+    return "normal" if priority >= 100 else "low"
+
+
+class Message(Struct, frozen=True):
+    """Base of every frame payload; `type_byte` is set by each concrete class."""
+
+    type_byte: ClassVar[int]
+
+
+# ---------------------------------------------------------------- nested types
+
+
+class TaskSpec(Struct, frozen=True, omit_defaults=True):
+    kind: Text200
+    payload: bytes = b""
+    queue: QueueName = "default"
+    priority: Priority = "normal"
+    run_at: float | None = None
+    max_retries: Annotated[int, Meta(ge=0, le=100)] | None = None
+    lease_ms: LeaseMs | None = None
+    unique_key: Annotated[str, Meta(min_length=1, max_length=1000)] | None = None
+
+
+class Assignment(Struct, frozen=True):
+    task_id: str
+    queue: str
+    kind: str
+    payload: bytes
+    priority: int
+    attempt: int
+    lease_expires_at: float
+
+
+class TaskInfo(Struct, frozen=True, omit_defaults=True):
+    task_id: str
+    queue: str
+    kind: str
+    priority: int
+    state: str
+    attempts: int
+    max_retries: int
+    submitted_at: float
+    run_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker_id: str | None = None
+    result: bytes | None = None
+    error: str | None = None
+
+
+class QueueStats(Struct, frozen=True):
+    pending: int = 0
+    scheduled: int = 0
+    running: int = 0
+    high: int = 0
+    normal: int = 0
+    low: int = 0
+
+
+class StatsInfo(Struct, frozen=True):
+    pending: int
+    scheduled: int
+    running: int
+    completed_total: int
+    failed_total: int
+    cancelled_total: int
+    submitted_total: int
+    workers_alive: int
+    connections: int
+    uptime_s: float
+    queues: dict[str, QueueStats]
+
+
+class WorkerInfo(Struct, frozen=True):
+    worker_id: str
+    name: str
+    hostname: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    metadata: dict[str, str]
+    alive: bool
+    last_heartbeat: float
+    cpu_percent: float
+    memory_bytes: int
+    running: list[str]
+
+
+# ---------------------------------------------------------------- requests 0x01–0x3F
+
+
+class Hello(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x01
+    id: U32
+    client: Annotated[str, Meta(max_length=1000)]
+    protocol: int
+    api_key: Annotated[str, Meta(max_length=4096)] | None = None
+
+
+class Submit(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x02
+    id: U32
+    task: TaskSpec
+
+
+class SubmitBatch(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x03
+    id: U32
+    tasks: Annotated[list[TaskSpec], Meta(min_length=1, max_length=10_000)]
+
+
+class Claim(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x04
+    id: U32
+    worker_id: WorkerId
+    queues: Annotated[list[QueueName], Meta(min_length=1, max_length=1000)]
+    max_tasks: int
+    wait_ms: int
+
+
+class Result(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x05
+    id: U32
+    worker_id: WorkerId
+    task_id: TaskId
+    ok: bool
+    result: bytes | None = None
+    error: ErrorText | None = None
+    retry: bool = True
+
+
+class Heartbeat(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x06
+    id: U32
+    worker_id: WorkerId
+    active: Annotated[list[TaskId], Meta(max_length=100_000)]
+    cpu_percent: float | None = None
+    memory_bytes: Annotated[int, Meta(ge=0)] | None = None
+
+
+class Status(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x07
+    id: U32
+    task_id: TaskId
+
+
+class Cancel(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x08
+    id: U32
+    task_id: TaskId
+
+
+class Stats(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x09
+    id: U32
+
+
+class Register(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x0A
+    id: U32
+    worker_id: WorkerId | None = None
+    name: Annotated[str, Meta(max_length=200)] | None = None
+    hostname: Annotated[str, Meta(max_length=255)] | None = None
+    pid: Annotated[int, Meta(ge=0)] | None = None
+    queues: Annotated[list[QueueName], Meta(max_length=1000)] | None = None
+    concurrency: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
+    metadata: (
+        Annotated[
+            dict[Annotated[str, Meta(max_length=200)], Annotated[str, Meta(max_length=4096)]],
+            Meta(max_length=256),
+        ]
+        | None
+    ) = None
+
+
+class Deregister(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x0B
+    id: U32
+    worker_id: WorkerId
+
+
+class Workers(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x0C
+    id: U32
+
+
+class Query(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x0D
+    id: U32
+    sql: Annotated[str, Meta(min_length=1, max_length=100_000)]
+
+
+# ---------------------------------------------------------------- responses 0x40–0x7F
+
+
+class Ok(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x40
+    id: int
+
+
+class Welcome(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x41
+    id: int
+    server: str
+    protocol: int
+    heartbeat_interval_ms: int
+    max_batch_claim: int
+
+
+class Submitted(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x42
+    id: int
+    task_id: str
+    duplicate: bool
+
+
+class SubmittedBatch(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x43
+    id: int
+    task_ids: list[str]
+
+
+class Assigned(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x44
+    id: int
+    tasks: list[Assignment]
+
+
+class TaskStatus(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x47
+    id: int
+    task: TaskInfo
+
+
+class StatsReply(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x49
+    id: int
+    stats: StatsInfo
+
+
+class Registered(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x4A
+    id: int
+    worker_id: str
+
+
+class WorkerList(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x4C
+    id: int
+    workers: list[WorkerInfo]
+
+
+class Rows(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x4D
+    id: int
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+class Error(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x7F
+    id: int
+    code: str
+    message: str
+
+
+Request = (
+    Hello | Submit | SubmitBatch | Claim | Result | Heartbeat | Status | Cancel | Stats | Register
+    | Deregister | Workers | Query
+)
+Response = (
+    Ok | Welcome | Submitted | SubmittedBatch | Assigned | TaskStatus | StatsReply | Registered
+    | WorkerList | Rows | Error
+)
+
+REQUEST_TYPES: dict[int, type[Message]] = {
+    cls.type_byte: cls
+    for cls in (Hello, Submit, SubmitBatch, Claim, Result, Heartbeat, Status, Cancel, Stats, Register,
+                Deregister, Workers, Query)
+}
+RESPONSE_TYPES: dict[int, type[Message]] = {
+    cls.type_byte: cls
+    for cls in (Ok, Welcome, Submitted, SubmittedBatch, Assigned, TaskStatus, StatsReply, Registered,
+                WorkerList, Rows, Error)
+}
+
+
+class ErrorCode:
+    """The error codes of PROTOCOL.md, as constants so a typo is a NameError, not a new code."""
+
+    BAD_FRAME = "BAD_FRAME"
+    FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"
+    BAD_REQUEST = "BAD_REQUEST"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    QUEUE_FULL = "QUEUE_FULL"
+    NOT_FOUND = "NOT_FOUND"
+    INVALID_STATE = "INVALID_STATE"
+    NOT_LEASED = "NOT_LEASED"
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    INTERNAL = "INTERNAL"
