@@ -1,0 +1,113 @@
+"""CompactorActor: snapshots, WAL truncation, history retention and DuckDB CHECKPOINT.
+
+Every `persistence.snapshot_interval_secs` it asks the queue actor for a consistent image of the live
+tasks (taken in one handler, right after the WAL rotates to a new segment), writes it to DuckDB in one
+transaction on the database writer thread, and then tells the queue actor that WAL segments before
+the new one may go. So the WAL holds at most the live data plus one interval of changes.
+Every `persistence.compact_interval_secs` (with `auto_compact`) it deletes history older than
+`completed_task_retention_days` and CHECKPOINTs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import gevent
+import pykka
+from msgspec import Struct
+
+from actors.timers import every
+from storage.model import Counters, Task
+
+log = logging.getLogger("tqbroker.compactor")
+
+
+class TakeSnapshot(Struct):
+    """Timer or shutdown: write a snapshot now."""
+
+
+class Compact(Struct):
+    """Timer: apply history retention and CHECKPOINT."""
+
+
+class PrepareSnapshot(Struct):
+    """Asked of the queue actor: rotate the WAL and hand over a consistent image."""
+
+
+class SnapshotData(Struct, gc=False):
+    tasks_blob: bytes
+    task_count: int
+    counters: Counters
+    wal_segment: int
+    finished: list[Task]
+
+
+class SnapshotTaken(Struct, gc=False):
+    """Told to the queue actor: segments before `wal_segment` are covered; `finished` are in history."""
+
+    wal_segment: int
+    finished_ids: list[str]
+    error: str | None = None
+
+
+class CompactorActor(pykka.ThreadingActor):
+    def __init__(self, queue: Any, snapshots: Any, history: Any, persistence: Any) -> None:
+        super().__init__()
+        self.queue = queue
+        self.snapshots = snapshots
+        self.history = history
+        self.persistence = persistence
+        self._timers: list[gevent.Greenlet] = []
+        self.last_snapshot_seconds = 0.0
+
+    def on_start(self) -> None:
+        p = self.persistence
+        self._timers.append(every(p.snapshot_interval_secs, self.actor_ref, TakeSnapshot()))
+        if p.auto_compact:
+            self._timers.append(every(p.compact_interval_secs, self.actor_ref, Compact()))
+
+    def on_stop(self) -> None:
+        for timer in self._timers:
+            timer.kill(block=False)
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, TakeSnapshot):
+            return self.snapshot()
+        if isinstance(message, Compact):
+            return self.compact()
+        return None
+
+    def snapshot(self) -> int | None:
+        """Writes one snapshot; returns the WAL segment replay now starts at (None if it failed)."""
+        started = time.monotonic()
+        data: SnapshotData = self.queue.ask(PrepareSnapshot())
+        try:
+            if data.finished:
+                self.history.append(data.finished)
+            self.snapshots.write(data.tasks_blob, data.counters, data.wal_segment)
+        except Exception as exc:  # disk full, DuckDB error: the WAL keeps everything until the next try
+            log.error("snapshot failed, WAL segments kept: %s", exc)
+            self.queue.tell(SnapshotTaken(wal_segment=0, finished_ids=[t.task_id for t in data.finished],
+                                          error=str(exc)))
+            return None
+        self.queue.tell(SnapshotTaken(wal_segment=data.wal_segment,
+                                      finished_ids=[t.task_id for t in data.finished]))
+        self.last_snapshot_seconds = time.monotonic() - started
+        log.info("snapshot of %d live tasks written in %.2f s", data.task_count, self.last_snapshot_seconds,
+                 extra={"count": data.task_count, "seconds": round(self.last_snapshot_seconds, 3)})
+        return data.wal_segment
+
+    def compact(self) -> int:
+        """Deletes history past retention, then CHECKPOINTs; returns the rows deleted."""
+        cutoff = time.time() - self.persistence.completed_task_retention_days * 86400
+        try:
+            deleted = self.history.delete_older_than(cutoff)
+            self.history.checkpoint()
+        except Exception as exc:
+            log.error("history compaction failed: %s", exc)
+            return 0
+        if deleted:
+            log.info("deleted %d tasks past history retention", deleted, extra={"count": deleted})
+        return deleted

@@ -1,0 +1,98 @@
+"""Messages the actors tell each other (never on the wire).
+
+A request that needs an answer carries `reply_to`, the connection actor's ref: the owner of the state
+tells the answer straight back, so the hot path is tell-only (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msgspec import Struct
+
+from transport.messages import Message, WorkerInfo
+
+
+class Replies(Struct, gc=False):
+    """Responses for one connection, sent with one `sendall`; `close` closes it afterwards."""
+
+    messages: list[Message]
+    close: bool = False
+
+
+class QueueRequests(Struct, gc=False):
+    """All queue-bound requests decoded from one `recv()` of one connection."""
+
+    requests: list[Message]
+    reply_to: Any
+
+
+class RenewLeases(Struct, gc=False):
+    """A heartbeat, after the registry recorded it: renew the leases the worker holds."""
+
+    request_id: int
+    worker_id: str
+    active: list[str]
+    reply_to: Any
+
+
+class ReclaimWorker(Struct, gc=False):
+    """A worker is gone: `uncount` for DEREGISTER (attempt given back), not for a dead worker."""
+
+    worker_id: str
+    uncount: bool
+    request_id: int = 0
+    reply_to: Any = None
+
+
+class FillStats(Struct, gc=False):
+    """A STATS request on its way registry → queue, carrying what the registry and server know."""
+
+    request_id: int
+    workers_alive: int
+    connections: int
+    reply_to: Any
+
+
+class FillWorkers(Struct, gc=False):
+    """A WORKERS request on its way registry → queue, which fills in each worker's running tasks."""
+
+    request_id: int
+    workers: list[WorkerInfo]
+    reply_to: Any
+
+
+class WorkerSeen(Struct, gc=False):
+    """The queue saw a CLAIM from a worker id it had not seen: the registry auto-registers it."""
+
+    worker_id: str
+
+
+class RegistryRequest(Struct, gc=False):
+    """A REGISTER, DEREGISTER, HEARTBEAT, STATS or WORKERS request from a connection."""
+
+    request: Message
+    reply_to: Any
+    connections: int = 0
+
+
+class ConnectionClosed(Struct, gc=False):
+    """A connection went away: withdraw its waiting claims so no task is assigned to nobody."""
+
+    reply_to: Any
+
+
+class Tick(Struct, gc=False):
+    """A timer fired: promote due scheduled tasks, expire waiting claims, flush history."""
+
+
+class ExpireLeases(Struct, gc=False):
+    """From the lease watcher: return every run whose lease has expired."""
+
+
+class CheckWorkers(Struct, gc=False):
+    """From the registry's own timer: declare dead the workers that stopped heartbeating."""
+
+
+class Shutdown(Struct, gc=False):
+    """Answer waiting claims with an empty ASSIGNED and refuse new work with SHUTTING_DOWN."""

@@ -1,0 +1,34 @@
+"""LeaseWatcherActor: every `broker.lease_check_interval_secs`, sends expired leases back to pending.
+
+It owns no task state: it is the clock that asks the queue actor, which owns the leases, to return
+every run whose lease ran out (PROTOCOL.md: pending at once, the run counted).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gevent
+import pykka
+
+from actors.envelopes import ExpireLeases
+from actors.timers import every
+
+
+class LeaseWatcherActor(pykka.ThreadingActor):
+    def __init__(self, queue: Any, interval_s: float) -> None:
+        super().__init__()
+        self.queue = queue
+        self.interval_s = interval_s
+        self._timer: gevent.Greenlet | None = None
+
+    def on_start(self) -> None:
+        self._timer = every(self.interval_s, self.actor_ref, ExpireLeases())
+
+    def on_stop(self) -> None:
+        if self._timer is not None:
+            self._timer.kill(block=False)
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, ExpireLeases):
+            self.queue.tell(message)

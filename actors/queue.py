@@ -1,0 +1,503 @@
+"""QueueActor: the one owner of every live task.
+
+It receives the queue-bound requests of one `recv()` as one message, applies each change through the
+state machine (`task_states`), writes the WAL records of the whole message with one `append`, and only
+then tells the replies back (PROTOCOL.md "Durability"). A CLAIM that finds nothing waits as a stored
+reply address until a task arrives or its `wait_ms` runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+import msgspec
+import pykka
+
+from actors import task_states as states
+from actors.compactor import PrepareSnapshot, SnapshotData, SnapshotTaken
+from actors.envelopes import (
+    ConnectionClosed,
+    ExpireLeases,
+    FillStats,
+    FillWorkers,
+    QueueRequests,
+    ReclaimWorker,
+    RenewLeases,
+    Replies,
+    Shutdown,
+    Tick,
+    WorkerSeen,
+)
+from actors.history_link import HistoryLink, HistoryWritten
+from actors.task_index import TaskIndex
+from actors.timers import every
+from config.settings import Settings
+from storage.model import Counters, LeasesRenewed, Task, TaskFinished, TaskState, WalRecord, apply_record
+from transport.messages import (
+    Assigned,
+    Assignment,
+    Cancel,
+    Claim,
+    Error,
+    ErrorCode,
+    Message,
+    Ok,
+    Result,
+    StatsInfo,
+    StatsReply,
+    Status,
+    Submit,
+    SubmitBatch,
+    Submitted,
+    SubmittedBatch,
+    TaskInfo,
+    TaskStatus,
+    WorkerList,
+)
+
+log = logging.getLogger("tqbroker.queue")
+
+MAX_WAIT_MS = 60_000
+TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable within this of their run_at
+RECENT_FINISHED = 10_000
+_ACKS = (Submitted, SubmittedBatch, Ok, Assigned)
+
+
+class Waiter:
+    """A CLAIM waiting for work: answered when a task arrives in one of its queues or at its deadline."""
+
+    __slots__ = ("request_id", "worker_id", "queues", "max_tasks", "reply_to", "deadline", "done")
+
+    def __init__(self, claim: Claim, max_tasks: int, reply_to: Any, deadline: float) -> None:
+        self.request_id = claim.id
+        self.worker_id = claim.worker_id
+        self.queues = claim.queues
+        self.max_tasks = max_tasks
+        self.reply_to = reply_to
+        self.deadline = deadline
+        self.done = False
+
+
+def task_info(task: Task) -> TaskInfo:
+    return TaskInfo(
+        task_id=task.task_id, queue=task.queue, kind=task.kind, priority=task.priority, state=task.state,
+        attempts=task.attempts, max_retries=task.max_retries, submitted_at=task.submitted_at,
+        run_at=task.run_at, started_at=task.started_at, finished_at=task.finished_at,
+        worker_id=task.worker_id, result=task.result, error=task.error,
+    )
+
+
+class QueueActor(pykka.ThreadingActor):
+    def __init__(
+        self, settings: Settings, wal: Any = None, history: HistoryLink | None = None,
+        recovered: tuple[dict[str, Task], Counters] | None = None, registry: Any = None,
+    ) -> None:
+        super().__init__()
+        b = settings.broker
+        self.settings = settings
+        self.max_batch_claim = b.max_batch_claim
+        self.depth_threshold = b.queue_depth_threshold
+        self.default_max_retries = b.default_max_retries
+        self.default_lease_ms = int(b.worker_lease_timeout_secs * 1000)
+        self.backoff = (b.retry_backoff_base_ms, b.retry_backoff_max_ms)
+        self.wal = wal
+        self.history = history or HistoryLink(None)
+        self.registry = registry
+        self.index = TaskIndex()
+        self.counters = Counters()
+        self.ids = states.TaskIds()
+        self.ready_seq = 0
+        self.started = time.time()
+        self.known_workers: set[str] = set()
+        self.recent: OrderedDict[str, Task] = OrderedDict()
+        self.waiters: dict[str, deque[Waiter]] = {}
+        self.waiting: list[Waiter] = []
+        self.shutting_down = False
+        self._records: list[WalRecord] = []
+        self._outbox: dict[str, tuple[Any, list[Message]]] = {}
+        if recovered is not None:
+            self._load(*recovered)
+
+    def on_start(self) -> None:
+        self.history.notify = self.actor_ref.tell
+        self._ticker = every(TICK_INTERVAL_S, self.actor_ref, Tick())
+
+    def on_stop(self) -> None:
+        self._ticker.kill(block=False)
+
+    def _load(self, tasks: dict[str, Task], counters: Counters) -> None:
+        """Rebuilds the indexes from recovered tasks; pending order is kept by ready_seq."""
+        self.counters = counters
+        for task in sorted(tasks.values(), key=lambda t: t.ready_seq):
+            self.index.tasks[task.task_id] = task
+            self.index.enter(task)
+            self.index.add_unique(task)
+            self.ready_seq = max(self.ready_seq, task.ready_seq)
+            if task.worker_id:
+                self.known_workers.add(task.worker_id)
+
+    # ------------------------------------------------------------ dispatch
+
+    def on_receive(self, message: Any) -> Any:
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            log.warning("queue actor ignored an unexpected message %s", type(message).__name__)
+            return None
+        result = handler(self, message)
+        self._commit()
+        return result
+
+    def _on_requests(self, batch: QueueRequests) -> None:
+        now = time.time()
+        refusal = self._refusal()
+        for request in batch.requests:
+            if refusal is not None and not isinstance(request, Status):
+                self._reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
+                continue
+            reply = self._request_handlers[type(request)](self, request, batch.reply_to, now)
+            if reply is not None:
+                self._reply(batch.reply_to, reply)
+
+    def _refusal(self) -> tuple[str, str] | None:
+        """Why changes are refused right now (shutting down, or the WAL cannot be written); reads go on."""
+        if self.shutting_down:
+            return ErrorCode.SHUTTING_DOWN, "broker is shutting down; retry against its replacement"
+        if self.wal is None or self.wal.healthy or self.wal.probe():
+            return None
+        return ErrorCode.INTERNAL, writable_error(self.wal)
+
+    # ------------------------------------------------------------ submit
+
+    def _admit(self, request_id: int) -> Error | None:
+        if self.index.pending_total + self.index.scheduled_total >= self.depth_threshold:
+            return Error(id=request_id, code=ErrorCode.QUEUE_FULL,
+                         message=f"queue depth reached broker.queue_depth_threshold ({self.depth_threshold}); "
+                                 "retry later")
+        return None
+
+    def _submit_one(self, spec: Any, now: float) -> tuple[str, bool]:
+        if spec.unique_key is not None:
+            existing = self.index.unique.get((spec.queue, spec.unique_key))
+            if existing is not None:
+                return existing, True
+        self.ready_seq += 1
+        record = states.new_task(spec, self.ids.next(), now, self.ready_seq, self.default_max_retries,
+                                 self.default_lease_ms)
+        apply_record(record, self.index.tasks, self.counters)
+        self.index.enter(record.task)
+        self.index.add_unique(record.task)
+        self._records.append(record)
+        if record.task.state == TaskState.PENDING:
+            self._serve_waiters(record.task.queue, now)
+        return record.task.task_id, False
+
+    def _on_submit(self, req: Submit, reply_to: Any, now: float) -> Message:
+        refusal = self._admit(req.id)
+        if refusal is not None:
+            return refusal
+        task_id, duplicate = self._submit_one(req.task, now)
+        return Submitted(id=req.id, task_id=task_id, duplicate=duplicate)
+
+    def _on_submit_batch(self, req: SubmitBatch, reply_to: Any, now: float) -> Message:
+        refusal = self._admit(req.id)
+        if refusal is not None:
+            return refusal
+        return SubmittedBatch(id=req.id, task_ids=[self._submit_one(spec, now)[0] for spec in req.tasks])
+
+    # ------------------------------------------------------------ claim
+
+    def _on_claim(self, req: Claim, reply_to: Any, now: float) -> Message | None:
+        if req.worker_id not in self.known_workers:
+            self.known_workers.add(req.worker_id)
+            if self.registry is not None:
+                self.registry.tell(WorkerSeen(worker_id=req.worker_id))
+        max_tasks = min(max(req.max_tasks, 1), self.max_batch_claim)
+        tasks = self._claim(req.worker_id, req.queues, max_tasks, now)
+        wait_ms = min(max(req.wait_ms, 0), MAX_WAIT_MS)
+        if tasks or wait_ms == 0:
+            return Assigned(id=req.id, tasks=tasks)
+        waiter = Waiter(req, max_tasks, reply_to, now + wait_ms / 1000.0)
+        for queue in dict.fromkeys(req.queues):
+            self.waiters.setdefault(queue, deque()).append(waiter)
+        self.waiting.append(waiter)
+        return None
+
+    def _claim(self, worker_id: str, queues: list[str], limit: int, now: float) -> list[Assignment]:
+        assignments = []
+        for task in self.index.claim_order(queues, limit):
+            self._change(task, states.claim(task, worker_id, now))
+            assignments.append(Assignment(
+                task_id=task.task_id, queue=task.queue, kind=task.kind, payload=task.payload,
+                priority=task.priority, attempt=task.attempts, lease_expires_at=task.lease_expires_at or now,
+            ))
+        return assignments
+
+    def _serve_waiters(self, queue: str, now: float) -> None:
+        """Hands newly pending work in `queue` to the claims waiting on it, oldest first."""
+        line = self.waiters.get(queue)
+        while line and self.index.has_pending((queue,)):
+            waiter = line.popleft()
+            if waiter.done:
+                continue
+            waiter.done = True
+            tasks = self._claim(waiter.worker_id, waiter.queues, waiter.max_tasks, now)
+            self._reply(waiter.reply_to, Assigned(id=waiter.request_id, tasks=tasks))
+        if line is not None and not line:
+            del self.waiters[queue]
+
+    def _expire_waiters(self, now: float, everyone: bool = False) -> None:
+        if not self.waiting:
+            return
+        keep = []
+        for waiter in self.waiting:
+            if waiter.done:
+                continue
+            if everyone or waiter.deadline <= now:
+                waiter.done = True
+                self._reply(waiter.reply_to, Assigned(id=waiter.request_id, tasks=[]))
+            else:
+                keep.append(waiter)
+        self.waiting = keep
+        if everyone:
+            self.waiters.clear()
+
+    # ------------------------------------------------------------ result, status, cancel
+
+    def _on_result(self, req: Result, reply_to: Any, now: float) -> Message | None:
+        task = self.index.tasks.get(req.task_id)
+        if task is None:
+            self._answer_unknown(req.id, req.task_id, reply_to, ErrorCode.NOT_LEASED,
+                                 f"task {req.task_id} is finished; worker {req.worker_id} holds no lease on it")
+            return None
+        if not states.holds_lease(task, req.worker_id):
+            return Error(id=req.id, code=ErrorCode.NOT_LEASED,
+                         message=f"worker {req.worker_id} does not hold task {req.task_id} (state {task.state}, "
+                                 f"held by {task.worker_id or 'nobody'})")
+        if req.ok:
+            self._change(task, states.complete(task, req.result, now))
+        else:
+            base_ms, max_ms = self.backoff
+            self._change(task, states.fail(task, req.error, req.retry, now, base_ms, max_ms))
+        return Ok(id=req.id)
+
+    def _on_status(self, req: Status, reply_to: Any, now: float) -> Message | None:
+        task = self.index.tasks.get(req.task_id) or self.recent.get(req.task_id)
+        if task is not None:
+            return TaskStatus(id=req.id, task=task_info(task))
+        self._answer_unknown(req.id, req.task_id, reply_to, None, "")
+        return None
+
+    def _on_cancel(self, req: Cancel, reply_to: Any, now: float) -> Message | None:
+        task = self.index.tasks.get(req.task_id)
+        if task is None:
+            self._answer_unknown(req.id, req.task_id, reply_to, ErrorCode.INVALID_STATE,
+                                 f"task {req.task_id} is already finished; only pending or scheduled tasks "
+                                 "can be cancelled")
+            return None
+        if not states.can_cancel(task):
+            return Error(id=req.id, code=ErrorCode.INVALID_STATE,
+                         message=f"task {req.task_id} is {task.state}; only pending or scheduled tasks "
+                                 "can be cancelled")
+        self._change(task, states.cancel(task, now))
+        return Ok(id=req.id)
+
+    def _answer_unknown(self, request_id: int, task_id: str, reply_to: Any, code: str | None, message: str) -> None:
+        """A task not in memory: finished long ago (history answers) or never known (NOT_FOUND).
+
+        `code` is the error for a finished task; None means answer with its status.
+        """
+        finished = self.recent.get(task_id)
+        if finished is not None:
+            self._reply(reply_to, _finished_answer(request_id, finished, code, message))
+            return
+
+        def answer(task: Task | None) -> Message:
+            if task is None:
+                return Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}")
+            return _finished_answer(request_id, task, code, message)
+
+        self.history.lookup(task_id, lambda task: reply_to.tell(Replies([answer(task)])))
+
+    # ------------------------------------------------------------ leases and workers
+
+    def _on_renew(self, msg: RenewLeases) -> None:
+        now = time.time()
+        renewed_ids, expiries = [], []
+        for task_id in msg.active:
+            task = self.index.tasks.get(task_id)
+            if task is not None and states.holds_lease(task, msg.worker_id):
+                task.lease_expires_at = now + task.lease_ms / 1000.0
+                self.index.push_lease(task)
+                renewed_ids.append(task_id)
+                expiries.append(task.lease_expires_at)
+        if renewed_ids:
+            self._records.append(LeasesRenewed(task_ids=renewed_ids, lease_expires_at=expiries))
+        self._reply(msg.reply_to, Ok(id=msg.request_id))
+
+    def _on_expire_leases(self, _msg: ExpireLeases) -> None:
+        now = time.time()
+        for task in self.index.expired_leases(now):
+            log.info("lease expired", extra={"task_id": task.task_id, "worker_id": task.worker_id})
+            self._lose_run(task, "lease expired", now)
+
+    def _lose_run(self, task: Task, reason: str, now: float) -> None:
+        self.ready_seq += 1
+        self._change(task, states.run_lost(task, reason, now, self.ready_seq))
+
+    def _on_reclaim(self, msg: ReclaimWorker) -> None:
+        now = time.time()
+        held = sorted((self.index.tasks[t] for t in self.index.by_worker.get(msg.worker_id, ())),
+                      key=lambda t: t.ready_seq)
+        for task in held:
+            if msg.uncount:
+                self.ready_seq += 1
+                self._change(task, states.returned(task, self.ready_seq))
+            else:
+                self._lose_run(task, f"worker {msg.worker_id} stopped heartbeating", now)
+        self.known_workers.discard(msg.worker_id)
+        if msg.reply_to is not None:
+            self._reply(msg.reply_to, Ok(id=msg.request_id))
+
+    # ------------------------------------------------------------ timers, stats, shutdown
+
+    def _on_tick(self, _msg: Tick) -> None:
+        now = time.time()
+        for task in self.index.due_scheduled(now):
+            self.ready_seq += 1
+            self._change(task, states.promote(task, self.ready_seq))
+        self._expire_waiters(now)
+        self.history.flush_due(now)
+
+    def _on_fill_stats(self, msg: FillStats) -> None:
+        c, idx = self.counters, self.index
+        stats = StatsInfo(
+            pending=idx.pending_total, scheduled=idx.scheduled_total, running=idx.running_total,
+            completed_total=c.completed_total, failed_total=c.failed_total, cancelled_total=c.cancelled_total,
+            submitted_total=c.submitted_total, workers_alive=msg.workers_alive, connections=msg.connections,
+            uptime_s=time.time() - self.started, queues=idx.queue_stats(),
+        )
+        self._reply(msg.reply_to, StatsReply(id=msg.request_id, stats=stats))
+
+    def _on_fill_workers(self, msg: FillWorkers) -> None:
+        by_worker = self.index.by_worker
+        workers = [
+            w.__class__(**{**_fields(w), "running": sorted(by_worker.get(w.worker_id, ()))}) for w in msg.workers
+        ]
+        self._reply(msg.reply_to, WorkerList(id=msg.request_id, workers=workers))
+
+    def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
+        """A consistent image: the WAL rotates first, so the image covers every earlier segment."""
+        segment = self.wal.rotate() if self.wal is not None else 0
+        tasks = list(self.index.tasks.values())
+        return SnapshotData(
+            tasks_blob=msgspec.msgpack.encode(tasks), task_count=len(tasks),
+            counters=msgspec.structs.replace(self.counters), wal_segment=segment,
+            finished=self.history.take_unflushed(),
+        )
+
+    def _on_snapshot_taken(self, msg: SnapshotTaken) -> None:
+        self.history.written(HistoryWritten(task_ids=msg.finished_ids, error=msg.error))
+        if msg.error is None and self.wal is not None:
+            self.wal.delete_segments_before(msg.wal_segment)
+
+    def _on_connection_closed(self, msg: ConnectionClosed) -> None:
+        urn = msg.reply_to.actor_urn
+        for waiter in self.waiting:
+            if waiter.reply_to.actor_urn == urn:
+                waiter.done = True
+
+    def _on_history_written(self, msg: HistoryWritten) -> None:
+        self.history.written(msg)
+
+    def _on_shutdown(self, _msg: Shutdown) -> None:
+        self.shutting_down = True
+        self._expire_waiters(time.time(), everyone=True)
+        self.history.flush_due(float("inf"))
+
+    # ------------------------------------------------------------ applying changes, replying
+
+    def _change(self, task: Task, record: WalRecord) -> None:
+        """Applies one state-machine record to the task and the indexes, and queues it for the WAL."""
+        self.index.leave(task)
+        finished = apply_record(record, self.index.tasks, self.counters)
+        if finished is None:
+            self.index.enter(task)
+            if task.state == TaskState.PENDING:
+                self._serve_waiters(task.queue, time.time())
+        else:
+            self._finished(finished, record)  # type: ignore[arg-type]
+        self._records.append(record)
+
+    def _finished(self, task: Task, record: TaskFinished) -> None:
+        self.index.forget(task)
+        self.recent[task.task_id] = task
+        if len(self.recent) > RECENT_FINISHED:
+            self.recent.popitem(last=False)
+        self.history.add(task)
+
+    def _reply(self, reply_to: Any, message: Message) -> None:
+        key = reply_to.actor_urn
+        entry = self._outbox.get(key)
+        if entry is None:
+            self._outbox[key] = (reply_to, [message])
+        else:
+            entry[1].append(message)
+
+    def _commit(self) -> None:
+        """Writes this message's WAL records, then releases its replies once they are durable."""
+        outbox, self._outbox = self._outbox, {}
+        records, self._records = self._records, []
+        if records and self.wal is not None:
+            try:
+                self.wal.append(records)
+            except Exception as exc:  # WalError: refuse the acknowledgements, keep answering reads
+                log.error("WAL append failed: %s", getattr(exc, "message", exc))
+                outbox = {k: (ref, [_refuse(m, exc) for m in msgs]) for k, (ref, msgs) in outbox.items()}
+                _send(outbox)
+                return
+            self.wal.after_durable(lambda: _send(outbox))
+            return
+        _send(outbox)
+
+    _request_handlers: dict[type, Any] = {
+        Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,
+        Status: _on_status, Cancel: _on_cancel,
+    }
+    _handlers: dict[type, Any] = {
+        QueueRequests: _on_requests, RenewLeases: _on_renew, ExpireLeases: _on_expire_leases,
+        ReclaimWorker: _on_reclaim, Tick: _on_tick, FillStats: _on_fill_stats, FillWorkers: _on_fill_workers,
+        Shutdown: _on_shutdown, HistoryWritten: _on_history_written, ConnectionClosed: _on_connection_closed,
+        PrepareSnapshot: _on_prepare_snapshot, SnapshotTaken: _on_snapshot_taken,
+    }
+
+
+def _fields(struct: Any) -> dict[str, Any]:
+    return {name: getattr(struct, name) for name in struct.__struct_fields__}
+
+
+def _finished_answer(request_id: int, task: Task, code: str | None, message: str) -> Message:
+    if code is None:
+        return TaskStatus(id=request_id, task=task_info(task))
+    return Error(id=request_id, code=code, message=message)
+
+
+def writable_error(wal: Any) -> str:
+    return getattr(wal, "last_error", None) or "the write-ahead log cannot be written; see the broker log"
+
+
+def _refuse(message: Message, exc: Exception) -> Message:
+    """An acknowledgement whose change did not reach the WAL becomes INTERNAL; reads pass unchanged."""
+    if isinstance(message, _ACKS) and not (isinstance(message, Assigned) and not message.tasks):
+        return Error(id=message.id, code=ErrorCode.INTERNAL, message=getattr(exc, "message", str(exc)))
+    return message
+
+
+def _send(outbox: dict[str, tuple[Any, list[Message]]]) -> None:
+    for reply_to, messages in outbox.values():
+        try:
+            reply_to.tell(Replies(messages))
+        except pykka.ActorDeadError:  # the connection closed meanwhile; its leases will expire
+            pass

@@ -1,0 +1,184 @@
+"""WorkerRegistryActor: the one owner of what the broker knows about workers.
+
+Registration (explicit, or automatic on a worker id's first HEARTBEAT or CLAIM), metadata, heartbeats
+with CPU and memory, and dead-worker detection: a worker silent for 2 × `worker.heartbeat_interval_secs`
+is declared dead and the queue actor reclaims its running tasks. Requests that also need task state
+(HEARTBEAT's lease renewals, STATS, WORKERS, DEREGISTER) are passed on to the queue actor with the
+connection's reply address, so the answer still takes no blocking `ask`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import gevent
+import pykka
+
+from actors.envelopes import (
+    CheckWorkers,
+    FillStats,
+    FillWorkers,
+    ReclaimWorker,
+    RegistryRequest,
+    RenewLeases,
+    Replies,
+    WorkerSeen,
+)
+from actors.timers import every
+from transport.messages import (
+    Deregister,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Message,
+    Register,
+    Registered,
+    Stats,
+    WorkerInfo,
+    Workers,
+)
+
+log = logging.getLogger("tqbroker.registry")
+
+DEAD_WORKER_RETENTION_S = 3600.0
+
+
+class WorkerRecord:
+    """What the registry knows of one worker."""
+
+    __slots__ = ("worker_id", "name", "hostname", "pid", "queues", "concurrency", "metadata", "alive",
+                 "last_heartbeat", "cpu_percent", "memory_bytes")
+
+    def __init__(self, worker_id: str, now: float) -> None:
+        self.worker_id = worker_id
+        self.name = worker_id
+        self.hostname = ""
+        self.pid = 0
+        self.queues: list[str] = []
+        self.concurrency = 0
+        self.metadata: dict[str, str] = {}
+        self.alive = True
+        self.last_heartbeat = now
+        self.cpu_percent = 0.0
+        self.memory_bytes = 0
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id, name=self.name, hostname=self.hostname, pid=self.pid, queues=self.queues,
+            concurrency=self.concurrency, metadata=self.metadata, alive=self.alive,
+            last_heartbeat=self.last_heartbeat, cpu_percent=self.cpu_percent, memory_bytes=self.memory_bytes,
+            running=[],
+        )
+
+
+class UseQueue:
+    """Wiring: the queue actor starts after the registry, which learns its ref from this message."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+
+class WorkerRegistryActor(pykka.ThreadingActor):
+    def __init__(self, heartbeat_interval_s: float, check_interval_s: float) -> None:
+        super().__init__()
+        self.dead_after_s = 2 * heartbeat_interval_s
+        self.check_interval_s = check_interval_s
+        self.workers: dict[str, WorkerRecord] = {}
+        self.queue: Any = None
+        self._timer: gevent.Greenlet | None = None
+
+    def on_start(self) -> None:
+        self._timer = every(self.check_interval_s, self.actor_ref, CheckWorkers())
+
+    def on_stop(self) -> None:
+        if self._timer is not None:
+            self._timer.kill(block=False)
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, RegistryRequest):
+            self._on_request(message)
+        elif isinstance(message, WorkerSeen):
+            self._known(message.worker_id, time.time())
+        elif isinstance(message, CheckWorkers):
+            self._check(time.time())
+        elif isinstance(message, UseQueue):
+            self.queue = message.queue
+
+    @property
+    def alive_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.alive)
+
+    def _known(self, worker_id: str, now: float) -> WorkerRecord:
+        """The worker's record, registering it on first sight (auto-registration)."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = self.workers[worker_id] = WorkerRecord(worker_id, now)
+            log.info("worker registered", extra={"worker_id": worker_id})
+        return worker
+
+    def _on_request(self, msg: RegistryRequest) -> None:
+        req, reply_to, now = msg.request, msg.reply_to, time.time()
+        if isinstance(req, Heartbeat):
+            worker = self._known(req.worker_id, now)
+            if not worker.alive:
+                log.info("worker is alive again", extra={"worker_id": req.worker_id})
+            worker.alive, worker.last_heartbeat = True, now
+            if req.cpu_percent is not None:
+                worker.cpu_percent = req.cpu_percent
+            if req.memory_bytes is not None:
+                worker.memory_bytes = req.memory_bytes
+            self.queue.tell(RenewLeases(request_id=req.id, worker_id=req.worker_id, active=req.active,
+                                        reply_to=reply_to))
+        elif isinstance(req, Register):
+            self._register(req, reply_to, now)
+        elif isinstance(req, Deregister):
+            if self.workers.pop(req.worker_id, None) is None:
+                _tell(reply_to, Error(id=req.id, code=ErrorCode.NOT_FOUND,
+                                      message=f"no worker with id {req.worker_id}"))
+                return
+            log.info("worker deregistered", extra={"worker_id": req.worker_id})
+            self.queue.tell(ReclaimWorker(worker_id=req.worker_id, uncount=True, request_id=req.id,
+                                          reply_to=reply_to))
+        elif isinstance(req, Stats):
+            self.queue.tell(FillStats(request_id=req.id, workers_alive=self.alive_count,
+                                      connections=msg.connections, reply_to=reply_to))
+        elif isinstance(req, Workers):
+            infos = [w.info() for w in self.workers.values()]
+            self.queue.tell(FillWorkers(request_id=req.id, workers=infos, reply_to=reply_to))
+
+    def _register(self, req: Register, reply_to: Any, now: float) -> None:
+        worker_id = req.worker_id or f"w-{uuid.uuid4().hex[:16]}"
+        worker = self._known(worker_id, now)
+        worker.alive, worker.last_heartbeat = True, now
+        if req.name is not None:
+            worker.name = req.name
+        if req.hostname is not None:
+            worker.hostname = req.hostname
+        if req.pid is not None:
+            worker.pid = req.pid
+        if req.queues is not None:
+            worker.queues = list(req.queues)
+        if req.concurrency is not None:
+            worker.concurrency = req.concurrency
+        if req.metadata is not None:
+            worker.metadata = dict(req.metadata)
+        _tell(reply_to, Registered(id=req.id, worker_id=worker_id))
+
+    def _check(self, now: float) -> None:
+        """Declares dead the workers silent for too long, and forgets long-dead ones."""
+        for worker in list(self.workers.values()):
+            silent = now - worker.last_heartbeat
+            if worker.alive and silent > self.dead_after_s:
+                worker.alive = False
+                log.warning("worker declared dead after %.1f s without a heartbeat", silent,
+                            extra={"worker_id": worker.worker_id})
+                self.queue.tell(ReclaimWorker(worker_id=worker.worker_id, uncount=False))
+            elif not worker.alive and silent > DEAD_WORKER_RETENTION_S:
+                del self.workers[worker.worker_id]
+
+
+def _tell(reply_to: Any, message: Message) -> None:
+    reply_to.tell(Replies([message]))

@@ -1,0 +1,175 @@
+"""The queue actor's indexes over its live tasks: claim order, timers, counts, worker and unique keys.
+
+Pure data structures, no actor and no I/O, so the claim order can be tested on its own. Heaps use
+lazy deletion: an entry is skipped when its task no longer matches it (cancelled, re-queued with a new
+`ready_seq`, lease renewed), which keeps every state change O(log n) without searching a heap.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+from storage.model import Task, TaskState
+from transport.messages import QueueStats, priority_tier
+
+_TIER_SLOT = {"high": 3, "normal": 4, "low": 5}
+
+
+class QueueCounts:
+    """pending, scheduled, running, then pending by tier (high, normal, low) for one named queue."""
+
+    __slots__ = ("values",)
+
+    def __init__(self) -> None:
+        self.values = [0, 0, 0, 0, 0, 0]
+
+    def as_stats(self) -> QueueStats:
+        return QueueStats(*self.values)
+
+
+class TaskIndex:
+    """Indexes kept in step with every state change through `enter` and `leave`."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, Task] = {}
+        self.counts: dict[str, QueueCounts] = {}
+        self.by_worker: dict[str, set[str]] = {}
+        self.unique: dict[tuple[str, str], str] = {}
+        self._pending: dict[str, list[tuple[int, int, Task]]] = {}
+        self._scheduled: list[tuple[float, int, Task]] = []
+        self._leases: list[tuple[float, int, Task]] = []
+        self._tiebreak = 0
+        self.pending_total = 0
+        self.scheduled_total = 0
+        self.running_total = 0
+
+    # ------------------------------------------------------------ keeping in step
+
+    def enter(self, task: Task) -> None:
+        """Index `task` under its current state (after a change, or when it is first added)."""
+        counts = self.counts.get(task.queue)
+        if counts is None:
+            counts = self.counts[task.queue] = QueueCounts()
+        values = counts.values
+        state = task.state
+        if state == TaskState.PENDING:
+            heap = self._pending.get(task.queue)
+            if heap is None:
+                heap = self._pending[task.queue] = []
+            heapq.heappush(heap, (-task.priority, task.ready_seq, task))
+            values[0] += 1
+            values[_TIER_SLOT[priority_tier(task.priority)]] += 1
+            self.pending_total += 1
+        elif state == TaskState.SCHEDULED:
+            self._tiebreak += 1
+            heapq.heappush(self._scheduled, (task.run_at, self._tiebreak, task))
+            values[1] += 1
+            self.scheduled_total += 1
+        elif state == TaskState.RUNNING:
+            self.push_lease(task)
+            workers = self.by_worker.get(task.worker_id or "")
+            if workers is None:
+                workers = self.by_worker[task.worker_id or ""] = set()
+            workers.add(task.task_id)
+            values[2] += 1
+            self.running_total += 1
+
+    def leave(self, task: Task) -> None:
+        """Un-count `task` from its current state (before a change); heap entries go stale."""
+        values = self.counts[task.queue].values
+        state = task.state
+        if state == TaskState.PENDING:
+            values[0] -= 1
+            values[_TIER_SLOT[priority_tier(task.priority)]] -= 1
+            self.pending_total -= 1
+        elif state == TaskState.SCHEDULED:
+            values[1] -= 1
+            self.scheduled_total -= 1
+        elif state == TaskState.RUNNING:
+            workers = self.by_worker.get(task.worker_id or "")
+            if workers is not None:
+                workers.discard(task.task_id)
+                if not workers:
+                    del self.by_worker[task.worker_id or ""]
+            values[2] -= 1
+            self.running_total -= 1
+
+    def add_unique(self, task: Task) -> None:
+        if task.unique_key is not None:
+            self.unique[(task.queue, task.unique_key)] = task.task_id
+
+    def forget(self, task: Task) -> None:
+        """A task left the live set (terminal): drop its unique key and empty per-queue entries."""
+        if task.unique_key is not None and self.unique.get((task.queue, task.unique_key)) == task.task_id:
+            del self.unique[(task.queue, task.unique_key)]
+        counts = self.counts.get(task.queue)
+        if counts is not None and not any(counts.values):
+            del self.counts[task.queue]
+            heap = self._pending.get(task.queue)
+            if heap is not None and not self._live_head(heap):
+                del self._pending[task.queue]
+
+    def push_lease(self, task: Task) -> None:
+        self._tiebreak += 1
+        heapq.heappush(self._leases, (task.lease_expires_at or 0.0, self._tiebreak, task))
+
+    # ------------------------------------------------------------ queries
+
+    @staticmethod
+    def _live_head(heap: list[tuple[int, int, Task]]) -> Task | None:
+        """The best pending task of one queue's heap, dropping stale entries on the way."""
+        while heap:
+            neg_priority, seq, task = heap[0]
+            if task.state == TaskState.PENDING and task.ready_seq == seq and task.priority == -neg_priority:
+                return task
+            heapq.heappop(heap)
+        return None
+
+    def has_pending(self, queues: Iterable[str]) -> bool:
+        return any(self.counts.get(q) is not None and self.counts[q].values[0] > 0 for q in queues)
+
+    def claim_order(self, queues: list[str], limit: int) -> list[Task]:
+        """Up to `limit` pending tasks from `queues`: highest priority first, then FIFO by ready_seq.
+
+        The tasks are removed from the pending heaps; the caller moves each to running.
+        """
+        chosen: list[Task] = []
+        heaps = [self._pending[q] for q in dict.fromkeys(queues) if q in self._pending]
+        while len(chosen) < limit and heaps:
+            best_heap = None
+            best_key: tuple[int, int] | None = None
+            for heap in heaps:
+                head = self._live_head(heap)
+                if head is None:
+                    continue
+                key = (-head.priority, head.ready_seq)
+                if best_key is None or key < best_key:
+                    best_key, best_heap = key, heap
+            if best_heap is None:
+                break
+            chosen.append(heapq.heappop(best_heap)[2])
+        return chosen
+
+    def due_scheduled(self, now: float) -> list[Task]:
+        """Scheduled tasks whose run_at has come, in run_at order."""
+        due: list[Task] = []
+        heap = self._scheduled
+        while heap and heap[0][0] <= now:
+            run_at, _, task = heapq.heappop(heap)
+            if task.state == TaskState.SCHEDULED and task.run_at == run_at:
+                due.append(task)
+        return due
+
+    def expired_leases(self, now: float) -> list[Task]:
+        """Running tasks whose lease ran out before `now`."""
+        expired: list[Task] = []
+        heap = self._leases
+        while heap and heap[0][0] < now:
+            expires, _, task = heapq.heappop(heap)
+            if task.state == TaskState.RUNNING and task.lease_expires_at == expires:
+                expired.append(task)
+        return expired
+
+    def queue_stats(self) -> dict[str, QueueStats]:
+        return {name: counts.as_stats() for name, counts in self.counts.items() if any(counts.values)}
