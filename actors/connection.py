@@ -18,6 +18,7 @@ import pykka
 
 from actors.context import BrokerContext
 from actors.envelopes import ConnectionClosed, QueueRequests, RegistryRequest, Replies
+from actors.metrics import BrokerMetrics
 from transport.frames import FrameError, FrameReader, decode_request, encode_frame, encode_frames
 from transport.messages import (
     Cancel,
@@ -66,8 +67,9 @@ class ConnectionState:
 
 
 class ConnectionActor(pykka.ThreadingActor):
-    def __init__(self, sock: socket.socket, peer: str, state: ConnectionState) -> None:
+    def __init__(self, sock: socket.socket, peer: str, state: ConnectionState, metrics: BrokerMetrics) -> None:
         super().__init__()
+        self.metrics = metrics
         self.sock = sock
         self.peer = peer
         self.state = state
@@ -80,6 +82,9 @@ class ConnectionActor(pykka.ThreadingActor):
         if state.waiting_claims:
             for reply in message.messages:
                 state.waiting_claims.discard(reply.id)  # type: ignore[attr-defined]
+        errors = [m.code for m in message.messages if isinstance(m, Error)]
+        if errors:
+            self.metrics.count_errors(errors)
         if state.in_flight < MAX_IN_FLIGHT // 2:
             state.drained.set()
         if state.closed:
@@ -109,7 +114,7 @@ class Session:
         self.peer = peer
         self.authenticated = not ctx.settings.auth.enabled
         self.state = ConnectionState()
-        self.actor = ConnectionActor.start(sock, peer, self.state)
+        self.actor = ConnectionActor.start(sock, peer, self.state, ctx.metrics)
 
     def route(self, frames: list[tuple[int, bytes]]) -> bool:
         """Routes decoded frames; False when the connection must close (failed authentication)."""
@@ -195,6 +200,7 @@ def serve_connection(ctx: BrokerContext, sock: socket.socket, address: Any) -> N
     refusal = ctx.refuse_peer(address)
     if refusal is not None:
         log.warning("connection refused: %s", refusal, extra={"peer": peer})
+        ctx.metrics.count_errors([ErrorCode.UNAUTHORIZED])
         _send_and_close(sock, Error(id=0, code=ErrorCode.UNAUTHORIZED, message=refusal))
         return
     session = Session(ctx, sock, peer)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from actors.metrics import BrokerMetrics
 from config.settings import Settings
 
 
@@ -54,6 +55,7 @@ class BrokerContext:
     server: Any  # has `.connections`
     keys: ApiKeys
     run_query: Callable[[str], tuple[list[str], list[list[Any]]]]
+    metrics: BrokerMetrics
     server_name: str = "tqbroker/0.1.0"
 
     def refuse_peer(self, address: Any) -> str | None:

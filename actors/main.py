@@ -63,11 +63,10 @@ def main(argv: list[str]) -> int:
 
 
 def run_broker(settings: Settings) -> int:
-    from storage.database import StorageError
-    from storage.wal import WalError
-
     from actors.logs import setup_logging
     from actors.system import BrokerSystem, StartupError
+    from storage.database import StorageError
+    from storage.wal import WalError
     from transport.server import ListenError
 
     setup_logging(settings.monitoring.log_level, settings.monitoring.json_logging)
@@ -92,10 +91,9 @@ def _offline_query(sql: str) -> tuple[list[str], list[list[object]]]:
     """`sql` with the broker stopped: open the DuckDB file read-only ourselves."""
     from pathlib import Path
 
+    from actors.system import DB_FILE
     from storage.database import Database
     from storage.history import TaskHistory
-
-    from actors.system import DB_FILE
 
     settings = load_settings()
     path = Path(settings.persistence.data_dir) / DB_FILE

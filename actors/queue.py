@@ -32,6 +32,7 @@ from actors.envelopes import (
     WorkerSeen,
 )
 from actors.history_link import HistoryLink, HistoryWritten
+from actors.metrics import BrokerMetrics
 from actors.task_index import TaskIndex
 from actors.timers import every
 from config.settings import Settings
@@ -94,6 +95,7 @@ class QueueActor(pykka.ThreadingActor):
     def __init__(
         self, settings: Settings, wal: Any = None, history: HistoryLink | None = None,
         recovered: tuple[dict[str, Task], Counters] | None = None, registry: Any = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         super().__init__()
         b = settings.broker
@@ -106,6 +108,9 @@ class QueueActor(pykka.ThreadingActor):
         self.wal = wal
         self.history = history or HistoryLink(None)
         self.registry = registry
+        self.metrics = metrics or BrokerMetrics()
+        self.gauge_interval_s = b.maintenance_interval_secs
+        self._gauges_at = 0.0
         self.index = TaskIndex()
         self.counters = Counters()
         self.ids = states.TaskIds()
@@ -173,6 +178,7 @@ class QueueActor(pykka.ThreadingActor):
 
     def _admit(self, request_id: int) -> Error | None:
         if self.index.pending_total + self.index.scheduled_total >= self.depth_threshold:
+            self.metrics.backpressure.inc()
             return Error(id=request_id, code=ErrorCode.QUEUE_FULL,
                          message=f"queue depth reached broker.queue_depth_threshold ({self.depth_threshold}); "
                                  "retry later")
@@ -190,6 +196,7 @@ class QueueActor(pykka.ThreadingActor):
         self.index.enter(record.task)
         self.index.add_unique(record.task)
         self._records.append(record)
+        self.metrics.count_submitted(spec.queue)
         if record.task.state == TaskState.PENDING:
             self._serve_waiters(record.task.queue, now)
         return record.task.task_id, False
@@ -228,6 +235,7 @@ class QueueActor(pykka.ThreadingActor):
     def _claim(self, worker_id: str, queues: list[str], limit: int, now: float) -> list[Assignment]:
         assignments = []
         for task in self.index.claim_order(queues, limit):
+            self.metrics.claim_wait.observe(max(now - task.run_at, 0.0))
             self._change(task, states.claim(task, worker_id, now))
             assignments.append(Assignment(
                 task_id=task.task_id, queue=task.queue, kind=task.kind, payload=task.payload,
@@ -276,6 +284,7 @@ class QueueActor(pykka.ThreadingActor):
             return Error(id=req.id, code=ErrorCode.NOT_LEASED,
                          message=f"worker {req.worker_id} does not hold task {req.task_id} (state {task.state}, "
                                  f"held by {task.worker_id or 'nobody'})")
+        self.metrics.observe_processing(task.queue, now - (task.started_at or now))
         if req.ok:
             self._change(task, states.complete(task, req.result, now))
         else:
@@ -341,6 +350,7 @@ class QueueActor(pykka.ThreadingActor):
         now = time.time()
         for task in self.index.expired_leases(now):
             log.info("lease expired", extra={"task_id": task.task_id, "worker_id": task.worker_id})
+            self.metrics.leases_expired.inc()
             self._lose_run(task, "lease expired", now)
 
     def _lose_run(self, task: Task, reason: str, now: float) -> None:
@@ -370,6 +380,22 @@ class QueueActor(pykka.ThreadingActor):
             self._change(task, states.promote(task, self.ready_seq))
         self._expire_waiters(now)
         self.history.flush_due(now)
+        if now - self._gauges_at >= self.gauge_interval_s:
+            self._gauges_at = now
+            self._refresh_gauges()
+
+    def _refresh_gauges(self) -> None:
+        idx = self.index
+        tiers = {"high": 0, "normal": 0, "low": 0}
+        per_queue = {}
+        for name, counts in idx.counts.items():
+            v = counts.values
+            per_queue[name] = v[0]
+            tiers["high"] += v[3]
+            tiers["normal"] += v[4]
+            tiers["low"] += v[5]
+        self.metrics.set_queue_gauges(idx.pending_total, idx.running_total, idx.scheduled_total, tiers,
+                                      per_queue, self.history.backlog)
 
     def _on_fill_stats(self, msg: FillStats) -> None:
         c, idx = self.counters, self.index
@@ -429,10 +455,13 @@ class QueueActor(pykka.ThreadingActor):
                 self._serve_waiters(task.queue, time.time())
         else:
             self._finished(finished, record)  # type: ignore[arg-type]
+        if getattr(record, "retried", False):
+            self.metrics.retried.inc()
         self._records.append(record)
 
     def _finished(self, task: Task, record: TaskFinished) -> None:
         self.index.forget(task)
+        self.metrics.count_finished(task.queue, task.state)
         self.recent[task.task_id] = task
         if len(self.recent) > RECENT_FINISHED:
             self.recent.popitem(last=False)
@@ -485,7 +514,8 @@ def _finished_answer(request_id: int, task: Task, code: str | None, message: str
 
 
 def writable_error(wal: Any) -> str:
-    return getattr(wal, "last_error", None) or "the write-ahead log cannot be written; see the broker log"
+    error = getattr(wal, "last_error", None)
+    return getattr(error, "message", None) or "the write-ahead log cannot be written; see the broker log"
 
 
 def _refuse(message: Message, exc: Exception) -> Message:

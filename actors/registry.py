@@ -27,6 +27,7 @@ from actors.envelopes import (
     Replies,
     WorkerSeen,
 )
+from actors.metrics import BrokerMetrics
 from actors.timers import every
 from transport.messages import (
     Deregister,
@@ -82,8 +83,10 @@ class UseQueue:
 
 
 class WorkerRegistryActor(pykka.ThreadingActor):
-    def __init__(self, heartbeat_interval_s: float, check_interval_s: float) -> None:
+    def __init__(self, heartbeat_interval_s: float, check_interval_s: float, metrics: BrokerMetrics | None = None
+                 ) -> None:
         super().__init__()
+        self.metrics = metrics or BrokerMetrics()
         self.dead_after_s = 2 * heartbeat_interval_s
         self.check_interval_s = check_interval_s
         self.workers: dict[str, WorkerRecord] = {}
@@ -176,8 +179,10 @@ class WorkerRegistryActor(pykka.ThreadingActor):
                 log.warning("worker declared dead after %.1f s without a heartbeat", silent,
                             extra={"worker_id": worker.worker_id})
                 self.queue.tell(ReclaimWorker(worker_id=worker.worker_id, uncount=False))
+                self.metrics.workers_dead.inc()
             elif not worker.alive and silent > DEAD_WORKER_RETENTION_S:
                 del self.workers[worker.worker_id]
+        self.metrics.workers_connected.set(self.alive_count)
 
 
 def _tell(reply_to: Any, message: Message) -> None:

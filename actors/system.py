@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pykka
-from storage.database import Database
-from storage.history import TaskHistory
-from storage.recovery import recover
-from storage.snapshots import SnapshotStore
-from storage.wal import WriteAheadLog
+from gevent.pywsgi import WSGIServer
 
 from actors.compactor import CompactorActor
 from actors.connection import serve_connection
@@ -28,10 +25,16 @@ from actors.context import ApiKeys, BrokerContext
 from actors.envelopes import Shutdown
 from actors.history_link import HistoryLink
 from actors.lease_watcher import LeaseWatcherActor
-from actors.queue import QueueActor
+from actors.metrics import BrokerMetrics, health_app
+from actors.queue import QueueActor, writable_error
 from actors.registry import UseQueue, WorkerRegistryActor
 from config.settings import Settings
-from transport.server import TcpServer
+from storage.database import Database
+from storage.history import TaskHistory
+from storage.recovery import recover
+from storage.snapshots import SnapshotStore
+from storage.wal import WriteAheadLog
+from transport.server import ListenError, TcpServer
 
 log = logging.getLogger("tqbroker")
 
@@ -51,6 +54,22 @@ def prepare_data_dir(data_dir: Path) -> None:
         raise StartupError(f"data dir {data_dir} is not writable by this user (persistence.data_dir)")
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context when api.enable_tls is on; a missing or unreadable file stops the start."""
+    api = settings.api
+    if not api.enable_tls:
+        return None
+    for key, path in (("api.tls_cert_path", api.tls_cert_path), ("api.tls_key_path", api.tls_key_path)):
+        if not path or not os.access(path, os.R_OK):
+            raise StartupError(f"TLS is on but {key} ({path}) is missing or unreadable")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(api.tls_cert_path, api.tls_key_path)  # type: ignore[arg-type]
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"cannot load TLS certificate {api.tls_cert_path} / key {api.tls_key_path}: {exc}") from None
+    return context
+
+
 class BrokerSystem:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -65,6 +84,8 @@ class BrokerSystem:
         self.registry: Any = None
         self.compactor: Any = None
         self.lease_watcher: Any = None
+        self.metrics = BrokerMetrics()
+        self.http: WSGIServer | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -79,26 +100,53 @@ class BrokerSystem:
         self.wal = WriteAheadLog(self.data_dir / "wal", fsync=p.fsync, sync_interval_ms=p.wal_sync_interval_ms,
                                  segment_bytes=p.wal_segment_bytes)
         self.wal.open(state.next_segment)
+        self.wal.on_fsync = self.metrics.wal_fsync.observe
 
         self.registry = WorkerRegistryActor.start(
             s.worker.heartbeat_interval_secs,
-            min(s.broker.maintenance_interval_secs, s.worker.heartbeat_interval_secs),
+            min(s.broker.maintenance_interval_secs, s.worker.heartbeat_interval_secs), self.metrics,
         )
         self.queue = QueueActor.start(s, wal=self.wal, history=HistoryLink(self.history),
-                                      recovered=(state.tasks, state.counters), registry=self.registry)
+                                      recovered=(state.tasks, state.counters), registry=self.registry,
+                                      metrics=self.metrics)
         self.registry.tell(UseQueue(self.queue))
         self.lease_watcher = LeaseWatcherActor.start(self.queue, s.broker.lease_check_interval_secs)
         self.compactor = CompactorActor.start(self.queue, snapshots, self.history, p)
 
         ctx = BrokerContext(settings=s, queue=self.queue, registry=self.registry, server=None,
-                            keys=ApiKeys(s.auth.api_keys), run_query=self._run_query)
+                            keys=ApiKeys(s.auth.api_keys), run_query=self._run_query, metrics=self.metrics)
         self.server = TcpServer(s.broker.host, s.broker.port, partial(serve_connection, ctx),
-                                s.broker.max_connections)
+                                s.broker.max_connections, ssl_context=tls_context(s))
         ctx.server = self.server
+        self._start_http()
         self.server.start()
+        server = self.server
+        self.metrics.connections.set_function(lambda: server.connections)
         self.ready = True
         log.info("tqbroker listening on %s:%d, data dir %s", s.broker.host, self.server.port, self.data_dir,
                  extra={"host": s.broker.host, "port": self.server.port, "data_dir": str(self.data_dir)})
+
+    def _start_http(self) -> None:
+        """/metrics, /healthz and /readyz on monitoring.prometheus_port (0 turns them off)."""
+        m = self.settings.monitoring
+        if m.prometheus_port == 0:
+            return
+        self.http = WSGIServer((m.prometheus_host, m.prometheus_port), health_app(self.metrics, self.readiness),
+                               log=None, error_log=logging.getLogger("tqbroker.http"))
+        try:
+            self.http.start()
+        except OSError as exc:
+            self.http = None
+            raise ListenError(f"cannot serve metrics on {m.prometheus_host}:{m.prometheus_port}: "
+                              f"{exc.strerror or exc} (monitoring.prometheus_port; 0 turns it off)") from None
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready = listening, recovered, and the WAL writable (not out of disk)."""
+        wal_ok = self.wal is not None and self.wal.healthy
+        details = {"listening": self.ready, "wal_writable": wal_ok}
+        if self.wal is not None and not wal_ok:
+            details["error"] = writable_error(self.wal)
+        return self.ready and wal_ok, details
 
     def _run_query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
         assert self.history is not None
@@ -109,6 +157,8 @@ class BrokerSystem:
         self.ready = False
         if self.server is not None:
             self.server.stop_accepting()
+        if self.http is not None:
+            self.http.stop(timeout=1)
         try:
             if self.queue is not None:
                 self.queue.ask(Shutdown(), timeout=2.0)
