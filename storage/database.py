@@ -1,0 +1,283 @@
+"""One DuckDB file per data dir, written by exactly one OS thread, read by a small pool of others.
+
+Why threads: a DuckDB call made in a greenlet stops every other greenlet for its whole duration
+(STYLE.md, measured). gevent's ThreadPool runs real OS threads even under monkey patching, and
+`.spawn(fn).get()` blocks only the calling greenlet; it works the same without patching.
+Why one writer: DuckDB serialises writers anyway, and a single thread with its own connection keeps
+transactions (snapshot = many statements) free of interleaving.
+Why `enable_external_access=False`: the broker only touches its own file, and QUERY (ad-hoc SQL
+from clients) must not read or write other files (`read_csv('/etc/passwd')`, `COPY ... TO`).
+
+The schema lives here, versioned: `schema_version` holds the highest migration applied, and each
+migration is a list of statements run in one transaction on open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+import gevent
+import gevent.event
+import gevent.threadpool
+
+log = logging.getLogger("tqbroker.storage")
+
+T = TypeVar("T")
+
+_READ_THREADS = 2
+_INTERRUPT_GRACE_SECONDS = 5.0
+
+# Schema, one entry per version. Never edit a released entry: add the next version instead.
+# task_history columns are documented in storage.history.HISTORY_COLUMNS_DOC (a test keeps them equal);
+# snapshot_tasks has snapshot_id plus one column per storage.model.Task field, in field order.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE task_history (
+            task_id VARCHAR, queue VARCHAR, kind VARCHAR, priority INTEGER, state VARCHAR,
+            attempts INTEGER, max_retries INTEGER, worker_id VARCHAR, submitted_at TIMESTAMP,
+            run_at TIMESTAMP, started_at TIMESTAMP, finished_at TIMESTAMP, duration_ms DOUBLE,
+            payload_bytes INTEGER, error VARCHAR, result BLOB)""",
+        """CREATE TABLE snapshots (
+            snapshot_id BIGINT, format_version INTEGER, created_at DOUBLE, wal_segment BIGINT,
+            submitted_total BIGINT, completed_total BIGINT, failed_total BIGINT,
+            cancelled_total BIGINT, retried_total BIGINT, task_count BIGINT)""",
+        """CREATE TABLE snapshot_tasks (
+            snapshot_id BIGINT, task_id VARCHAR, queue VARCHAR, kind VARCHAR, payload BLOB,
+            priority INTEGER, state VARCHAR, attempts INTEGER, max_retries INTEGER, lease_ms BIGINT,
+            submitted_at DOUBLE, run_at DOUBLE, ready_seq BIGINT, unique_key VARCHAR,
+            started_at DOUBLE, finished_at DOUBLE, worker_id VARCHAR, lease_expires_at DOUBLE,
+            result BLOB, error VARCHAR)""",
+    ),
+}
+SCHEMA_VERSION = max(_MIGRATIONS)
+
+
+class StorageError(Exception):
+    """A storage failure; `.message` is one line a user can act on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class QueryTimeout(StorageError):
+    """A read ran past its bound and was interrupted."""
+
+
+class QueryRefused(StorageError):
+    """Ad-hoc SQL that is not one read-only statement, or that DuckDB rejected."""
+
+
+def _open_error_message(path: Path, exc: Exception) -> str:
+    text = str(exc)
+    if "lock" in text.lower():
+        pid = re.search(r"PID (\d+)", text)
+        held_by = f" (PID {pid.group(1)})" if pid else ""
+        return (
+            f"database {path} is locked by another process{held_by} "
+            "(is a broker already running on this data dir?)"
+        )
+    first_line = text.splitlines()[0] if text else type(exc).__name__
+    return f"cannot open database {path}: {first_line}"
+
+
+_Outcome = tuple[bool, Any]
+
+
+def _capture(fn: Callable[..., Any], *args: Any) -> _Outcome:
+    """Runs in the pool thread and hands any exception back as a value: gevent's ThreadPool would
+    print a traceback to stderr for every exception raised there (every refused QUERY, say)."""
+    try:
+        return True, fn(*args)
+    except BaseException as exc:  # re-raised in the calling greenlet by _unwrap
+        return False, exc
+
+
+def _unwrap(outcome: _Outcome) -> Any:
+    ok, value = outcome
+    if not ok:
+        raise value
+    return value
+
+
+def _failure_message(path: Path, exc: Exception) -> str:
+    text = str(exc)
+    if "No space left on device" in text:
+        return f"disk full: {path}"
+    first_line = text.splitlines()[0] if text else type(exc).__name__
+    return f"database {path}: {first_line}"
+
+
+class _ReadJob:
+    """One read on its own cursor, interruptible from the hub thread."""
+
+    def __init__(
+        self, root: duckdb.DuckDBPyConnection, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        self._root, self._fn, self._args = root, fn, args
+        self._cursor: duckdb.DuckDBPyConnection | None = None
+        self._cancelled = False
+
+    def run(self) -> Any:
+        cursor = self._root.cursor()
+        self._cursor = cursor
+        try:
+            if self._cancelled:
+                raise QueryTimeout("read cancelled before it started")
+            return self._fn(cursor, *self._args)
+        finally:
+            self._cursor = None
+            cursor.close()
+
+    def cancel(self) -> None:
+        """Interrupts the query; repeated by the caller because an interrupt before execute is lost."""
+        self._cancelled = True
+        cursor = self._cursor
+        if cursor is not None:
+            try:
+                cursor.interrupt()
+            except duckdb.Error:
+                pass  # closed meanwhile: the read has ended
+
+
+class Database:
+    """The broker's DuckDB file: schema on open, one writer thread, two reader threads."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        memory_limit: str = "256MB",
+        threads: int = 1,
+    ) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        in_memory = str(path) == ":memory:"
+        if not read_only and not in_memory:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot create {self.path.parent}: {exc.strerror or exc}") from None
+        config = {"memory_limit": memory_limit, "threads": threads, "enable_external_access": False}
+        try:
+            self._conn = duckdb.connect(str(path), read_only=read_only, config=config)
+        except duckdb.Error as exc:
+            raise StorageError(_open_error_message(self.path, exc)) from None
+        self._read_root = self._conn.cursor()  # cursors for reads are made from this, never used itself
+        self._writer = gevent.threadpool.ThreadPool(1)
+        self._readers = gevent.threadpool.ThreadPool(_READ_THREADS)
+        self._closed = False
+        if not read_only:
+            try:
+                self.run_write(_migrate, str(self.path))
+            except BaseException:
+                self.close()
+                raise
+
+    def run_write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs `fn(conn, *args)` on the writer thread; blocks only the calling greenlet.
+
+        DuckDB errors come back as StorageError with one line (e.g. "disk full: PATH").
+        """
+        self._check_open()
+        try:
+            return _unwrap(self._writer.spawn(_capture, fn, self._conn, *args).get())
+        except duckdb.Error as exc:
+            raise StorageError(_failure_message(self.path, exc)) from exc
+
+    def run_read(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+        """Runs `fn(cursor, *args)` on a reader thread with a fresh cursor.
+
+        Past `timeout` seconds the query is interrupted and QueryTimeout raised; the bound includes
+        waiting for a free reader thread.
+        """
+        self._check_open()
+        job = _ReadJob(self._read_root, fn, args)
+        result = self._readers.spawn(_capture, job.run)
+        try:
+            return _unwrap(result.get(timeout=timeout))
+        except duckdb.Error as exc:
+            raise StorageError(_failure_message(self.path, exc)) from exc
+        except gevent.Timeout:
+            self._stop(job, result)
+            raise QueryTimeout(
+                f"query ran longer than {timeout:g} s and was stopped (bound: api.query_timeout_secs)"
+            ) from None
+
+    @staticmethod
+    def _stop(job: _ReadJob, result: gevent.event.AsyncResult) -> None:
+        """Interrupts until the job has ended, so the reader thread is free again (bounded wait)."""
+        deadline = time.monotonic() + _INTERRUPT_GRACE_SECONDS
+        while not result.ready() and time.monotonic() < deadline:
+            job.cancel()
+            result.wait(0.05)
+        if not result.ready():
+            log.warning("a timed-out query did not stop within %.0f s", _INTERRUPT_GRACE_SECONDS)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"database {self.path} is closed")
+
+    def close(self) -> None:
+        """Finishes queued writes, closes the connection (DuckDB checkpoints on close). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _unwrap(self._writer.spawn(_capture, _close_connections, self._read_root, self._conn).get())
+        finally:
+            self._writer.kill()
+            self._readers.kill()
+
+
+def fetch_one(
+    conn: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None
+) -> tuple[Any, ...] | None:
+    """The first row, fetching the whole result: DuckDB 2.0 refuses further statements on a
+    connection whose last result was not read to its end (`fetchone` leaves it open)."""
+    rows = conn.execute(sql, params).fetchall() if params is not None else conn.execute(sql).fetchall()
+    return rows[0] if rows else None
+
+
+@contextlib.contextmanager
+def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """BEGIN ... COMMIT, or ROLLBACK on any exception (a failing ROLLBACK never hides the cause)."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _close_connections(*connections: duckdb.DuckDBPyConnection) -> None:
+    for connection in connections:
+        connection.close()
+
+
+def _migrate(conn: duckdb.DuckDBPyConnection, path: str) -> None:
+    """Brings the schema to SCHEMA_VERSION, one transaction per step; refuses a newer schema."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+    row = fetch_one(conn, "SELECT max(version) FROM schema_version")
+    current = row[0] if row and row[0] is not None else 0
+    if current > SCHEMA_VERSION:
+        raise StorageError(
+            f"database {path} has schema version {current}; this broker knows up to {SCHEMA_VERSION} "
+            "(run a newer broker)"
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        with transaction(conn):
+            for statement in _MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES ($1)", [version])
+        log.info("database %s: schema migrated to version %d", path, version)
