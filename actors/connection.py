@@ -121,7 +121,7 @@ class Session:
         ctx, direct, to_queue = self.ctx, [], []
         for type_byte, payload in frames:
             msg = decode_request(type_byte, payload)
-            if not self.authenticated and not isinstance(msg, Error):
+            if not self.authenticated:
                 if not self._authenticate(msg, direct):
                     self._send(direct, close=True)
                     return False
@@ -155,7 +155,8 @@ class Session:
         """With auth enabled, the first frame must be a HELLO carrying a valid key."""
         if not isinstance(msg, Hello):
             direct.append(Error(id=msg.id, code=ErrorCode.UNAUTHORIZED,  # type: ignore[attr-defined]
-                                message="authentication required: send HELLO with an api_key first"))
+                                message="authentication required: the first frame must be a valid HELLO with "
+                                        "an api_key"))
             return False
         if not self.ctx.keys.accepts(msg.api_key):
             log.warning("authentication failed", extra={"peer": self.peer})

@@ -104,7 +104,7 @@ class WorkerRegistryActor(pykka.ThreadingActor):
         if isinstance(message, RegistryRequest):
             self._on_request(message)
         elif isinstance(message, WorkerSeen):
-            self._known(message.worker_id, time.time())
+            self._seen(message.worker_id, time.time())
         elif isinstance(message, CheckWorkers):
             self._check(time.time())
         elif isinstance(message, UseQueue):
@@ -121,6 +121,17 @@ class WorkerRegistryActor(pykka.ThreadingActor):
             worker = self.workers[worker_id] = WorkerRecord(worker_id, now)
             log.info("worker registered", extra={"worker_id": worker_id})
         return worker
+
+    def _seen(self, worker_id: str, now: float) -> None:
+        """A CLAIM from a worker the queue had not seen (new, or reclaimed as dead): it is alive now.
+
+        A revived worker gets a fresh 2 × heartbeat window; if it stays silent it is declared dead
+        again and whatever it claimed meanwhile is reclaimed.
+        """
+        worker = self._known(worker_id, now)
+        if not worker.alive:
+            worker.alive, worker.last_heartbeat = True, now
+            log.info("worker is claiming again after being declared dead", extra={"worker_id": worker_id})
 
     def _on_request(self, msg: RegistryRequest) -> None:
         req, reply_to, now = msg.request, msg.reply_to, time.time()

@@ -1,0 +1,423 @@
+"""The worker's actors besides the link: claiming, running, heartbeating and reporting.
+
+```
+ClaimerActor ──Run(tasks, reply_to=claimer)──▶ ExecutorActor ──Started──▶ HeartbeatActor
+     ▲                                            │    │                       ▲
+     └──────────────SlotFreed────────────────────┘    └──Deliver(outcome)──▶ ReporterActor ──Settled──┘
+```
+Each actor owns its own state and is told, never asked, on the hot path (as in the broker). Slot
+accounting is credit based: the claimer starts with `concurrency` credits, spends one per assigned task
+and gets one back per `SlotFreed`, so it can never claim more than it can run. The heartbeat's `active`
+list is every task started and not yet settled: a finished task whose RESULT is still undelivered (the
+broker is restarting) keeps its lease renewed until the RESULT goes through or is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import gevent
+import psutil
+import pykka
+from msgspec import Struct
+
+from actors.worker.link import Connected, Heard, Lost, tell_quietly
+from actors.worker.pool import Backend, Outcome, unknown_kind
+from transport import messages as m
+from transport.client import Client
+from transport.errors import (
+    BadRequest,
+    BrokerError,
+    ClientError,
+    NotFound,
+    NotLeased,
+    RequestTimeout,
+    ShuttingDown,
+)
+
+log = logging.getLogger("tqbroker.worker")
+
+RETRY_AFTER_S = 1.0
+MIN_BEAT_S = 0.05
+
+
+class Run(Struct, frozen=True):
+    tasks: list[m.Assignment]
+    reply_to: Any
+
+
+class SlotFreed(Struct, frozen=True):
+    count: int = 1
+
+
+class Finished(Struct, frozen=True):
+    outcome: Outcome
+
+
+class Started(Struct, frozen=True):
+    task_id: str
+    lease_s: float | None
+
+
+class Settled(Struct, frozen=True):
+    task_ids: list[str]
+
+
+class Deliver(Struct, frozen=True):
+    outcome: Outcome
+
+
+class Stop(Struct, frozen=True):
+    """Stop claiming (claimer) / starting tasks (executor) / heartbeating (heartbeat)."""
+
+
+class WhenDone(Struct, frozen=True):
+    """Resolve `future` once nothing is left (executor: running tasks; reporter: undelivered results)."""
+
+    future: Any
+
+
+class _Again(Struct, frozen=True):
+    pass
+
+
+# ---------------------------------------------------------------- claiming
+
+
+class ClaimerActor(pykka.ThreadingActor):
+    """Long-polls CLAIM on its own connection for as many tasks as there are free slots."""
+
+    def __init__(self, claims: Client, link: Any, executor: Any, queues: list[str], concurrency: int,
+                 wait_ms: int) -> None:
+        super().__init__()
+        self.claims = claims
+        self.link = link
+        self.executor = executor
+        self.queues = queues
+        self.wait_ms = wait_ms
+        self.free = concurrency
+        self.generation = 0
+        self.worker_id = ""
+        self.max_batch = 1
+        self.connected = False
+        self.stopped = False
+        self._queued = False  # a _Again is in the mailbox already
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, _Again):
+            self._queued = False
+            self._claim()
+        elif isinstance(message, SlotFreed):
+            self.free += message.count
+            self._again()
+        elif isinstance(message, Connected):
+            self.generation, self.worker_id = message.generation, message.worker_id
+            self.max_batch, self.connected = max(1, message.max_batch_claim), True
+            self._again()
+        elif isinstance(message, Stop):
+            self.stopped = True
+
+    def _again(self, after_s: float = 0.0) -> None:
+        if after_s:
+            gevent.spawn_later(after_s, tell_quietly, self.actor_ref, _Again())
+        elif not self._queued:
+            self._queued = True
+            self.actor_ref.tell(_Again())
+
+    def _claim(self) -> None:
+        if self.stopped or not self.connected or self.free <= 0:
+            return
+        try:
+            count = min(self.free, self.max_batch)
+            tasks = self.claims.claim(self.worker_id, self.queues, count, self.wait_ms)
+        except ClientError as exc:
+            if not self.stopped:
+                self.connected = False
+                self.link.tell(Lost(generation=self.generation, source="claims", reason=str(exc)))
+            return
+        except RequestTimeout:
+            log.warning("CLAIM got no answer in time; claiming again", extra={"worker_id": self.worker_id})
+            self._again()
+            return
+        except ShuttingDown:
+            self._again(RETRY_AFTER_S)  # the broker closes the connection next; the link re-dials
+            return
+        except BrokerError as exc:
+            log.error("CLAIM refused: %s; trying again in %.0f s", exc, RETRY_AFTER_S,
+                      extra={"worker_id": self.worker_id})
+            self._again(RETRY_AFTER_S)
+            return
+        if tasks:
+            self.free -= len(tasks)
+            self.executor.tell(Run(tasks=tasks, reply_to=self.actor_ref))
+        self._again()
+
+
+# ---------------------------------------------------------------- running
+
+
+class ExecutorActor(pykka.ThreadingActor):
+    """Starts each assigned task on the backend (one greenlet waits for each) and routes its outcome."""
+
+    def __init__(self, backend: Backend, kinds: dict[str, Any], reporter: Any, heartbeat: Any) -> None:
+        super().__init__()
+        self.backend = backend
+        self.kinds = kinds  # kind -> its sdk.Task (for its lease_ms)
+        self.served = sorted(kinds)
+        self.reporter = reporter
+        self.heartbeat = heartbeat
+        self.running: dict[str, gevent.Greenlet] = {}
+        self.accepting = True
+        self.waiters: list[Any] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Finished):
+            self._finished(message.outcome)
+        elif isinstance(message, Run):
+            for assignment in message.tasks:
+                self._start(assignment, message.reply_to)
+        elif isinstance(message, WhenDone):
+            self.waiters.append(message.future)
+            self._maybe_done()
+        elif isinstance(message, Stop):
+            self.accepting = False
+            self._maybe_done()
+        elif message == "running":
+            return sorted(self.running)
+        return None
+
+    def _start(self, a: m.Assignment, claimer: Any) -> None:
+        extra = {"task_id": a.task_id, "queue": a.queue}
+        if not self.accepting:
+            log.info("task claimed during shutdown, not started; DEREGISTER returns it", extra=extra)
+            return
+        task = self.kinds.get(a.kind)
+        if task is None:
+            log.error("task of unknown kind %r failed", a.kind, extra=extra)
+            self.reporter.tell(Deliver(unknown_kind(a.task_id, a.kind, self.served)))
+            claimer.tell(SlotFreed())
+            return
+        log.debug("task %s started (attempt %d)", a.kind, a.attempt, extra=extra)
+        lease_s = task.lease_ms / 1000 if task.lease_ms else None
+        self.heartbeat.tell(Started(task_id=a.task_id, lease_s=lease_s))
+        self.running[a.task_id] = gevent.spawn(self._run, a, claimer)
+
+    def _run(self, a: m.Assignment, claimer: Any) -> None:
+        """In its own greenlet: blocks only itself while the backend runs the task."""
+        try:
+            outcome = self.backend.run(a.task_id, a.kind, a.payload)
+        except Exception as exc:  # the backend itself failed (not user code, which `execute` wraps)
+            log.exception("running task %s failed in the worker itself", a.task_id)
+            outcome = Outcome(task_id=a.task_id, ok=False, retry=True, error=f"WorkerError: {exc!r}")
+        tell_quietly(self.actor_ref, Finished(outcome))
+        tell_quietly(claimer, SlotFreed())
+
+    def _finished(self, outcome: Outcome) -> None:
+        self.running.pop(outcome.task_id, None)
+        extra = {"task_id": outcome.task_id, "seconds": round(outcome.seconds, 4)}
+        if outcome.ok:
+            log.debug("task completed", extra=extra)
+        else:
+            log.info("task failed (%s): %s", "will retry" if outcome.retry else "no retry",
+                     (outcome.error or "").partition("\n")[0], extra=extra)
+        self.reporter.tell(Deliver(outcome))
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if not self.running and self.waiters:
+            for future in self.waiters:
+                future.set(True)
+            self.waiters.clear()
+
+
+# ---------------------------------------------------------------- heartbeats
+
+
+class HeartbeatActor(pykka.ThreadingActor):
+    """HEARTBEAT with CPU %, RSS and the active task ids (renewing their leases) on the control connection.
+
+    The period is the broker's (WELCOME heartbeat_interval_ms, or the worker's own setting if shorter),
+    and shorter still while a task with a short `lease_ms` runs: a third of that lease, so a lease
+    shorter than the heartbeat interval is still renewed in time.
+    """
+
+    def __init__(self, control: Client, link: Any, interval_s: float, with_children: bool) -> None:
+        super().__init__()
+        self.control = control
+        self.with_children = with_children
+        self.link = link
+        self.local_interval_s = interval_s
+        self.interval_s = interval_s
+        self.active: dict[str, float | None] = {}  # task id -> its lease in seconds, if known
+        self.generation = 0
+        self.worker_id = ""
+        self.connected = False
+        self.stopped = False
+        self.next_at = float("inf")
+        self._timer: gevent.Greenlet | None = None
+        self.process = psutil.Process()
+        self.children: dict[int, psutil.Process] = {}
+        self.process.cpu_percent(None)  # the first reading only starts the measurement
+
+    def on_stop(self) -> None:
+        if self._timer is not None:
+            self._timer.kill(block=False)
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, _Again):
+            self._beat()
+        elif isinstance(message, Started):
+            self.active[message.task_id] = message.lease_s
+            if time.monotonic() + self._period() < self.next_at:
+                self._schedule()
+        elif isinstance(message, Settled):
+            for task_id in message.task_ids:
+                self.active.pop(task_id, None)
+        elif isinstance(message, Connected):
+            self.generation, self.worker_id, self.connected = message.generation, message.worker_id, True
+            self.interval_s = min(self.local_interval_s, message.heartbeat_interval_s)
+            self._beat()  # at once: renews the leases of tasks that ran on while we were away
+        elif isinstance(message, Stop):
+            self.stopped = True
+        elif message == "active":
+            return sorted(self.active)
+        return None
+
+    def _period(self) -> float:
+        leases = [lease / 3 for lease in self.active.values() if lease]
+        return max(MIN_BEAT_S, min([self.interval_s, *leases]))
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.kill(block=False)
+        period = self._period()
+        self.next_at = time.monotonic() + period
+        self._timer = gevent.spawn_later(period, tell_quietly, self.actor_ref, _Again())
+
+    def _usage(self) -> tuple[float | None, int | None]:
+        """CPU % and RSS of the worker plus, with a process pool, its children (each Process object is
+        kept, because psutil measures CPU % between two calls on the same object).
+
+        Children are looked up only with a process pool: finding them scans all of /proc, and with a
+        CPU-bound task on a thread every one of those hundreds of reads waits up to a switch interval
+        for the GIL, which delayed heartbeats by over a second (measured).
+        """
+        try:
+            cpu, rss = self.process.cpu_percent(None), self.process.memory_info().rss
+            if not self.with_children:
+                return round(cpu, 1), rss
+            live = {}
+            for child in self.process.children(recursive=True):
+                proc = self.children.get(child.pid, child)
+                try:
+                    cpu += proc.cpu_percent(None)
+                    rss += proc.memory_info().rss
+                    live[child.pid] = proc
+                except psutil.Error:
+                    pass
+            self.children = live
+            return round(cpu, 1), rss
+        except psutil.Error:
+            return None, None
+
+    def _beat(self) -> None:
+        if self.stopped or not self.connected:
+            return
+        cpu, rss = self._usage()
+        try:
+            self.control.heartbeat(self.worker_id, list(self.active), cpu, rss)
+        except ClientError as exc:
+            self.connected = False
+            self.link.tell(Lost(generation=self.generation, source="control", reason=str(exc)))
+            return
+        except (RequestTimeout, BrokerError) as exc:
+            log.warning("HEARTBEAT failed: %s", exc, extra={"worker_id": self.worker_id})
+        else:
+            self.link.tell(Heard())
+        self._schedule()
+
+
+# ---------------------------------------------------------------- results
+
+
+class ReporterActor(pykka.ThreadingActor):
+    """Sends RESULTs, pipelined, on the control connection; keeps the undelivered ones for after a
+    reconnect. NOT_LEASED (the lease moved on while we were away) and NOT_FOUND are logged and dropped."""
+
+    def __init__(self, control: Client, link: Any, heartbeat: Any) -> None:
+        super().__init__()
+        self.control = control
+        self.link = link
+        self.heartbeat = heartbeat
+        self.outbox: dict[str, Outcome] = {}
+        self.generation = 0
+        self.worker_id = ""
+        self.connected = False
+        self.retry_queued = False
+        self.waiters: list[Any] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Deliver):
+            self.outbox[message.outcome.task_id] = message.outcome
+            self._flush()
+        elif isinstance(message, _Again):
+            self.retry_queued = False
+            self._flush()
+        elif isinstance(message, Connected):
+            self.generation, self.worker_id, self.connected = message.generation, message.worker_id, True
+            self._flush()
+        elif isinstance(message, WhenDone):
+            self.waiters.append(message.future)
+            self._flush()
+        elif message == "undelivered":
+            return len(self.outbox)
+        return None
+
+    def _flush(self) -> None:
+        if self.outbox and self.connected:
+            self._send()
+        if not self.outbox and self.waiters:
+            for future in self.waiters:
+                future.set(True)
+            self.waiters.clear()
+
+    def _send(self) -> None:
+        batch = list(self.outbox.values())
+        requests = [m.Result(id=0, worker_id=self.worker_id, task_id=o.task_id, ok=o.ok, result=o.result,
+                             error=o.error, retry=o.retry) for o in batch]
+        try:
+            replies = self.control.pipeline(requests, return_exceptions=True)
+        except ClientError as exc:
+            replies = [exc] * len(batch)
+        settled: list[str] = []
+        lost: ClientError | None = None
+        later = False
+        for outcome, reply in zip(batch, replies, strict=True):
+            extra = {"task_id": outcome.task_id, "worker_id": self.worker_id}
+            if isinstance(reply, m.Ok):
+                settled.append(outcome.task_id)
+            elif isinstance(reply, (NotLeased, NotFound)):
+                log.warning("result dropped: %s", reply, extra=extra)
+                settled.append(outcome.task_id)
+            elif isinstance(reply, BadRequest):  # resending the same RESULT cannot succeed
+                log.error("result refused and dropped: %s", reply, extra=extra)
+                settled.append(outcome.task_id)
+            elif isinstance(reply, ClientError):
+                lost = reply
+            else:  # INTERNAL (disk full), SHUTTING_DOWN, a timeout: the broker may take it later
+                log.warning("result not accepted yet (%s); will resend", reply, extra=extra)
+                later = True
+        for task_id in settled:
+            del self.outbox[task_id]
+        if settled:
+            self.heartbeat.tell(Settled(task_ids=settled))
+        if lost is not None:
+            self.connected = False
+            log.info("%d result(s) kept for delivery after reconnecting", len(self.outbox),
+                     extra={"worker_id": self.worker_id, "count": len(self.outbox)})
+            self.link.tell(Lost(generation=self.generation, source="control", reason=str(lost)))
+        elif later and not self.retry_queued:
+            self.retry_queued = True
+            gevent.spawn_later(RETRY_AFTER_S, tell_quietly, self.actor_ref, _Again())

@@ -1,0 +1,452 @@
+"""The producer-side SDK: `@task` turns a function into a task kind that can be submitted and awaited.
+
+```python
+from actors.worker import task
+
+@task(queue="emails", priority="high", max_retries=5)
+def send_email(to: str, body: str) -> str: ...
+
+handle = send_email.submit("a@example.com", "hi")      # SUBMIT; also run_at=, delay=, unique_key=
+handle.result(timeout=10)                              # polls STATUS; raises TaskFailed, TaskCancelled...
+send_email.submit_many([("a", "b"), ("c", "d")])       # one SUBMIT_BATCH per 10,000 calls
+send_email("x", "y")                                   # still an ordinary local call
+```
+
+Wire format, so producers and workers in other languages interoperate (PROTOCOL.md leaves `payload` and
+`result` opaque; this is the convention of the Python SDK and worker runtime):
+
+- `kind` is `"<module>.<qualname>"` of the function (e.g. `billing.tasks.send_email`) unless `name=` is given.
+- `payload` is a MessagePack map `{"args": [...], "kwargs": {str: ...}}`; both keys may be left out, and
+  an empty payload means no arguments.
+- `result` is the MessagePack encoding of the return value (empty means None). Values decode to plain
+  MessagePack types: tuples come back as lists, and a value msgspec cannot encode fails the task.
+
+Why a process-wide default connection: `send_email.submit(...)` must work without threading a client
+through application code. It is made lazily from `TQ_BROKER__HOST` / `TQ_BROKER__PORT` / `TQ_API_KEY`
+(127.0.0.1:6379 by default), or set explicitly with `connect()`. Only requests that may safely be sent
+twice (STATUS) are retried after a dropped connection; a dead connection is re-dialed *before* a SUBMIT
+is sent, never after it was sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+import msgspec
+
+from transport import messages as m
+from transport.client import Client
+from transport.errors import ClientError, ConnectionLost
+
+__all__ = [
+    "Reject",
+    "Retry",
+    "Task",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskHandle",
+    "connect",
+    "decode_payload",
+    "decode_result",
+    "encode_payload",
+    "encode_result",
+    "get_client",
+    "registered_tasks",
+    "task",
+]
+
+log = logging.getLogger("tqbroker.worker")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MAX_BATCH = 10_000  # PROTOCOL.md: SUBMIT_BATCH carries 1–10,000 tasks
+POLL_FIRST_S = 0.01
+POLL_MAX_S = 0.5
+TERMINAL_STATES = ("completed", "failed", "cancelled")
+
+
+# ---------------------------------------------------------------- exceptions
+
+
+class Retry(Exception):
+    """Raised by a task to fail this attempt and ask for another one.
+
+    `delay` is advisory: it is written into the error text, but the broker decides when the retry runs
+    (`broker.retry_backoff_base_ms` × 2^(attempts-1), capped, with jitter) and whether one is left
+    (`max_retries`). Holding or resubmitting the task to honour `delay` exactly would either keep a lease
+    busy or give the retry a new task id that no `TaskHandle` follows, so the SDK does neither.
+    """
+
+    def __init__(self, message: str = "", delay: float | None = None) -> None:
+        super().__init__(message, delay)
+        self.message = message
+        self.delay = delay
+
+    def __str__(self) -> str:
+        text = self.message or "task asked to be retried"
+        if not self.delay:
+            return text
+        return f"{text} (requested delay {self.delay:g} s; the broker's backoff applies)"
+
+
+class Reject(Exception):
+    """Raised by a task to fail it for good (RESULT retry=false): retrying cannot help, e.g. bad input."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason or "task rejected"
+
+
+class TaskFailed(Exception):
+    """`TaskHandle.result()` of a task that ended `failed`; `error` is the worker's error text."""
+
+    def __init__(self, task_id: str, error: str, info: m.TaskInfo | None = None) -> None:
+        super().__init__(task_id, error)
+        self.task_id = task_id
+        self.error = error
+        self.info = info
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} failed: {self.error}"
+
+
+class TaskCancelled(Exception):
+    """`TaskHandle.result()` of a task that was cancelled before it ran."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} was cancelled"
+
+
+# ---------------------------------------------------------------- encoding
+
+
+class Payload(msgspec.Struct, omit_defaults=True):
+    """The documented payload map; both keys optional so other producers may leave them out."""
+
+    args: list[Any] = msgspec.field(default_factory=list)
+    kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+_encoder = msgspec.msgpack.Encoder()
+_payload_decoder = msgspec.msgpack.Decoder(Payload)
+
+
+def encode_payload(args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None) -> bytes:
+    """`{"args": [...], "kwargs": {...}}` as MessagePack; raises TypeError for unencodable arguments."""
+    try:
+        return _encoder.encode({"args": list(args), "kwargs": dict(kwargs or {})})
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise TypeError(f"task arguments are not MessagePack-encodable: {exc}") from None
+
+
+def decode_payload(payload: bytes) -> tuple[list[Any], dict[str, Any]]:
+    """The args and kwargs of a payload; raises ValueError naming what is wrong with a foreign one."""
+    if not payload:
+        return [], {}
+    try:
+        decoded = _payload_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        shape = '{"args": [...], "kwargs": {...}}'
+        raise ValueError(f"payload is not a MessagePack map {shape}: {exc}") from None
+    return decoded.args, decoded.kwargs
+
+
+def encode_result(value: Any) -> bytes:
+    """A return value as MessagePack; raises TypeError when msgspec cannot encode it."""
+    try:
+        return _encoder.encode(value)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise TypeError(f"return value is not MessagePack-encodable: {exc}") from None
+
+
+def decode_result(result: bytes | None) -> Any:
+    """A task's result bytes back into Python values (empty or missing means None)."""
+    return msgspec.msgpack.decode(result) if result else None
+
+
+# ---------------------------------------------------------------- the default connection
+
+_default_client: Client | None = None
+_default_lock = threading.Lock()
+
+
+def _env_address() -> tuple[str, int, str | None]:
+    host = os.environ.get("TQ_BROKER__HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::", ""):  # a broker's listen-on-all address; clients dial loopback instead
+        host = "127.0.0.1"
+    raw_port = os.environ.get("TQ_BROKER__PORT") or "6379"
+    try:
+        port = int(raw_port)
+    except ValueError:
+        raise ValueError(f"TQ_BROKER__PORT must be a port number, got {raw_port!r}") from None
+    return host, port, os.environ.get("TQ_API_KEY") or None
+
+
+def connect(host: str | None = None, port: int | None = None, api_key: str | None = None,
+            **client_options: Any) -> Client:
+    """Dial the broker and make it the process-wide default connection (closing the previous one).
+
+    Unset arguments come from TQ_BROKER__HOST / TQ_BROKER__PORT / TQ_API_KEY; `client_options` go to
+    `transport.client.Client` (timeout, tls, ca_file, client_name).
+    """
+    global _default_client
+    env_host, env_port, env_key = _env_address()
+    client_options.setdefault("client_name", "tqbroker-python-sdk")
+    client = Client(host or env_host, port or env_port, api_key if api_key is not None else env_key,
+                    **client_options)
+    with _default_lock:
+        previous, _default_client = _default_client, client
+    if previous is not None:
+        previous.close()
+    return client
+
+
+def get_client() -> Client:
+    """The default connection, dialed on first use and re-dialed if it dropped since the last request."""
+    global _default_client
+    with _default_lock:
+        if _default_client is None:
+            host, port, api_key = _env_address()
+            _default_client = Client(host, port, api_key, client_name="tqbroker-python-sdk")
+        elif not _default_client.connected:
+            _default_client.reconnect()
+        return _default_client
+
+
+def _live(client: Client | None) -> Client:
+    """`client` made usable (re-dialed if it dropped: nothing was sent on it yet), or the default."""
+    if client is None:
+        return get_client()
+    if not client.connected:
+        client.reconnect()
+    return client
+
+
+# ---------------------------------------------------------------- handles
+
+
+class TaskHandle:
+    """A submitted task: its id plus STATUS, CANCEL and a polling `result()`.
+
+    `TaskHandle(task_id)` also works for ids obtained elsewhere (another process, the CLI).
+    """
+
+    __slots__ = ("task_id", "duplicate", "_client")
+
+    def __init__(self, task_id: str, client: Client | None = None, duplicate: bool = False) -> None:
+        self.task_id = task_id
+        self.duplicate = duplicate  # True when a unique_key matched a live task and nothing was added
+        self._client = client  # None: whatever the process-wide default is at call time
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.task_id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskHandle) and other.task_id == self.task_id
+
+    def __hash__(self) -> int:
+        return hash(self.task_id)
+
+    def status(self) -> m.TaskInfo:
+        """The broker's TaskInfo (state, attempts, error, ...). STATUS is idempotent, so a dropped
+        connection is re-dialed and the request sent once more."""
+        try:
+            return _live(self._client).status(self.task_id)
+        except ConnectionLost:
+            return _live(self._client).status(self.task_id)
+
+    def cancel(self) -> None:
+        """Cancel a pending or scheduled task; raises InvalidState once it runs or ended."""
+        _live(self._client).cancel(self.task_id)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the task to end and return its decoded return value.
+
+        Polls STATUS, starting at 10 ms and doubling to 0.5 s, so short tasks answer quickly and long
+        ones cost two requests a second. Raises TaskFailed (with the worker's error text), TaskCancelled,
+        or TimeoutError once `timeout` seconds passed (None waits for ever). A broker that is briefly
+        unreachable (a restart) is polled again until the deadline.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = POLL_FIRST_S
+        last_error: ClientError | None = None
+        while True:
+            try:
+                info = self.status()
+                last_error = None
+            except ClientError as exc:
+                info, last_error = None, exc
+            if info is not None and info.state in TERMINAL_STATES:
+                return _outcome(info)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                state = info.state if info is not None else "unknown"
+                raise TimeoutError(f"task {self.task_id} did not finish within {timeout:g} s "
+                                   f"(state {state})") from last_error
+            time.sleep(interval if remaining is None else min(interval, remaining))
+            interval = min(interval * 2, POLL_MAX_S)
+
+
+def _outcome(info: m.TaskInfo) -> Any:
+    if info.state == "completed":
+        return decode_result(info.result)
+    if info.state == "cancelled":
+        raise TaskCancelled(info.task_id)
+    raise TaskFailed(info.task_id, info.error or "(no error text)", info)
+
+
+# ---------------------------------------------------------------- the decorator
+
+_registry: dict[str, Task[Any, Any]] = {}
+_registry_lock = threading.Lock()
+
+
+def registered_tasks() -> dict[str, Task[Any, Any]]:
+    """Every `@task` defined (imported) in this process, by kind: what a worker can serve."""
+    with _registry_lock:
+        return dict(_registry)
+
+
+def _timestamp(run_at: float | dt.datetime | None, delay: float | None) -> float | None:
+    if run_at is not None and delay is not None:
+        raise ValueError("give run_at or delay, not both")
+    if delay is not None:
+        return time.time() + delay
+    if isinstance(run_at, dt.datetime):
+        return run_at.timestamp()  # a naive datetime is local time, as everywhere in Python
+    return run_at
+
+
+class Task(Generic[P, R]):
+    """A function registered as a task kind. Calling it runs it here; `submit` sends it to the broker."""
+
+    def __init__(self, fn: Callable[P, R], *, name: str | None = None, queue: str = "default",
+                 priority: int | str = "normal", max_retries: int | None = None,
+                 lease_ms: int | None = None) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.kind = name if name is not None else f"{fn.__module__}.{fn.__qualname__}"
+        self.queue = queue
+        self.priority = priority
+        self.max_retries = max_retries
+        self.lease_ms = lease_ms
+        try:  # validate once, here, with the protocol's own constraints, so submit never gets BAD_REQUEST
+            msgspec.convert({"kind": self.kind, "queue": queue, "priority": priority,
+                             "max_retries": max_retries, "lease_ms": lease_ms}, m.TaskSpec)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"@task {self.kind}: {exc}") from None
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<task {self.kind} queue={self.queue}>"
+
+    def __reduce__(self) -> str:
+        """Pickled by reference (module + qualname), like the function it replaces in its module."""
+        return self.__qualname__
+
+    def spec(self, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
+             run_at: float | dt.datetime | None = None, delay: float | None = None,
+             unique_key: str | None = None, priority: int | str | None = None) -> m.TaskSpec:
+        """The TaskSpec that submitting this call sends (useful to batch several kinds by hand)."""
+        return m.TaskSpec(kind=self.kind, payload=encode_payload(args, kwargs), queue=self.queue,
+                          priority=self.priority if priority is None else priority,
+                          run_at=_timestamp(run_at, delay), max_retries=self.max_retries,
+                          lease_ms=self.lease_ms, unique_key=unique_key)
+
+    def submit(self, *args: Any, run_at: float | dt.datetime | None = None, delay: float | None = None,
+               unique_key: str | None = None, **kwargs: Any) -> TaskHandle:
+        """Submit one call; `run_at` (unix seconds or datetime) or `delay` (seconds) schedules it.
+
+        `run_at`, `delay` and `unique_key` are options, not task arguments: a function with parameters
+        of those names is submitted with `apply(args, kwargs, ...)` instead.
+        """
+        return self.apply(args, kwargs, run_at=run_at, delay=delay, unique_key=unique_key)
+
+    def apply(self, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
+              run_at: float | dt.datetime | None = None, delay: float | None = None,
+              unique_key: str | None = None, priority: int | str | None = None,
+              client: Client | None = None) -> TaskHandle:
+        """Submit one call with explicit args/kwargs (and optionally another priority or client)."""
+        spec = self.spec(args, kwargs, run_at=run_at, delay=delay, unique_key=unique_key, priority=priority)
+        live = _live(client)
+        reply = live.request(m.Submit(id=0, task=spec))
+        assert isinstance(reply, m.Submitted)
+        return TaskHandle(reply.task_id, client, reply.duplicate)
+
+    def submit_many(self, calls: Iterable[Any], *, run_at: float | dt.datetime | None = None,
+                    delay: float | None = None, client: Client | None = None) -> list[TaskHandle]:
+        """Submit many calls with one SUBMIT_BATCH per 10,000 (each batch accepted whole or not at all).
+
+        Each item is an args tuple `("a", "b")`, an `(args, kwargs)` pair `(("a",), {"body": "b"})`
+        (a 2-tuple of a tuple/list and a dict), or any other value as the single argument.
+        """
+        when = _timestamp(run_at, delay)
+        specs = [self.spec(*_split_call(call), run_at=when) for call in calls]
+        live = _live(client)
+        handles: list[TaskHandle] = []
+        for start in range(0, len(specs), MAX_BATCH):
+            ids = live.submit_batch(specs[start:start + MAX_BATCH])
+            handles.extend(TaskHandle(task_id, client) for task_id in ids)
+        return handles
+
+
+def _split_call(call: Any) -> tuple[tuple[Any, ...] | list[Any], dict[str, Any] | None]:
+    if isinstance(call, tuple):
+        if len(call) == 2 and isinstance(call[0], (tuple, list)) and isinstance(call[1], dict):
+            return call[0], call[1]
+        return call, None
+    return (call,), None
+
+
+def _register(t: Task[Any, Any]) -> None:
+    with _registry_lock:
+        existing = _registry.get(t.kind)
+        if existing is not None and (existing.__module__, existing.__qualname__) != (t.__module__, t.__qualname__):
+            raise ValueError(f"task kind {t.kind!r} is already registered by "
+                             f"{existing.__module__}.{existing.__qualname__}; give one of them another name=")
+        _registry[t.kind] = t  # a module imported again (reload) replaces its own tasks
+
+
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+@overload
+def task(
+    *, name: str | None = None, queue: str = "default", priority: int | str = "normal",
+    max_retries: int | None = None, lease_ms: int | None = None,
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+
+def task(fn: Callable[P, R] | None = None, /, *, name: str | None = None, queue: str = "default",
+         priority: int | str = "normal", max_retries: int | None = None,
+         lease_ms: int | None = None) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+    """Register a function as a task kind; usable bare (`@task`) or with options (`@task(queue=...)`).
+
+    `max_retries` and `lease_ms` left as None take the broker's defaults (broker.default_max_retries,
+    broker.worker_lease_timeout_secs). Options are validated here, against the protocol's limits.
+    """
+
+    def wrap(f: Callable[P, R]) -> Task[P, R]:
+        t = Task(f, name=name, queue=queue, priority=priority, max_retries=max_retries, lease_ms=lease_ms)
+        _register(t)
+        return t
+
+    return wrap(fn) if fn is not None else wrap
