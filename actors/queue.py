@@ -143,6 +143,9 @@ class QueueActor(pykka.ThreadingActor):
             self.ready_seq = max(self.ready_seq, task.ready_seq)
             if task.worker_id:
                 self.known_workers.add(task.worker_id)
+        for worker_id in self.known_workers:  # their heartbeat clock starts now, so silent ones die
+            if self.registry is not None:
+                self.registry.tell(WorkerSeen(worker_id=worker_id))
 
     # ------------------------------------------------------------ dispatch
 
@@ -202,6 +205,11 @@ class QueueActor(pykka.ThreadingActor):
         return record.task.task_id, False
 
     def _on_submit(self, req: Submit, reply_to: Any, now: float) -> Message:
+        spec = req.task
+        if spec.unique_key is not None:  # a duplicate adds nothing, so even a full queue answers it
+            existing = self.index.unique.get((spec.queue, spec.unique_key))
+            if existing is not None:
+                return Submitted(id=req.id, task_id=existing, duplicate=True)
         refusal = self._admit(req.id)
         if refusal is not None:
             return refusal
@@ -289,7 +297,7 @@ class QueueActor(pykka.ThreadingActor):
             self._change(task, states.complete(task, req.result, now))
         else:
             base_ms, max_ms = self.backoff
-            self._change(task, states.fail(task, req.error, req.retry, now, base_ms, max_ms))
+            self._change(task, states.fail(task, req.error, req.retry is not False, now, base_ms, max_ms))
         return Ok(id=req.id)
 
     def _on_status(self, req: Status, reply_to: Any, now: float) -> Message | None:

@@ -90,12 +90,25 @@ class BrokerSystem:
     def start(self) -> None:
         s = self.settings
         prepare_data_dir(self.data_dir)
+        ctx = BrokerContext(settings=s, queue=None, registry=None, server=None,
+                            keys=ApiKeys(s.auth.api_keys), run_query=self._run_query, metrics=self.metrics)
+        self.server = TcpServer(s.broker.host, s.broker.port, partial(serve_connection, ctx),
+                                s.broker.max_connections, ssl_context=tls_context(s))
+        ctx.server = self.server
+        self.server.bind()
+        self._start_http()
         self.db = Database(self.data_dir / DB_FILE)
         self.history = TaskHistory(self.db)
         snapshots = SnapshotStore(self.db)
         state = recover(self.data_dir, self.db)
+        history_link = HistoryLink(self.history)
         if state.finished:
-            self.history.append_dedup(state.finished)
+            try:
+                self.history.append_dedup(state.finished)
+            except Exception as exc:  # keep them: the history writer retries (without the dedup)
+                log.error("writing %d recovered finished tasks to history failed: %s", len(state.finished), exc)
+                for task in state.finished:
+                    history_link.add(task)
         p = s.persistence
         self.wal = WriteAheadLog(self.data_dir / "wal", fsync=p.fsync, sync_interval_ms=p.wal_sync_interval_ms,
                                  segment_bytes=p.wal_segment_bytes)
@@ -106,20 +119,14 @@ class BrokerSystem:
             s.worker.heartbeat_interval_secs,
             min(s.broker.maintenance_interval_secs, s.worker.heartbeat_interval_secs), self.metrics,
         )
-        self.queue = QueueActor.start(s, wal=self.wal, history=HistoryLink(self.history),
+        self.queue = QueueActor.start(s, wal=self.wal, history=history_link,
                                       recovered=(state.tasks, state.counters), registry=self.registry,
                                       metrics=self.metrics)
         self.registry.tell(UseQueue(self.queue))
         self.lease_watcher = LeaseWatcherActor.start(self.queue, s.broker.lease_check_interval_secs)
         self.compactor = CompactorActor.start(self.queue, snapshots, self.history, p)
-
-        ctx = BrokerContext(settings=s, queue=self.queue, registry=self.registry, server=None,
-                            keys=ApiKeys(s.auth.api_keys), run_query=self._run_query, metrics=self.metrics)
-        self.server = TcpServer(s.broker.host, s.broker.port, partial(serve_connection, ctx),
-                                s.broker.max_connections, ssl_context=tls_context(s))
-        ctx.server = self.server
-        self._start_http()
-        self.server.start()
+        ctx.queue, ctx.registry = self.queue, self.registry
+        self.server.serve()
         server = self.server
         self.metrics.connections.set_function(lambda: server.connections)
         self.ready = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 
 from storage.model import Task, TaskChanged, TaskFinished, TaskState, TaskSubmitted
@@ -51,8 +52,8 @@ def new_task(
     state = TaskState.SCHEDULED if run_at > now else TaskState.PENDING
     task = Task(
         task_id=task_id,
-        queue=spec.queue,
-        kind=spec.kind,
+        queue=sys.intern(spec.queue),  # one copy per distinct name, not one per task
+        kind=sys.intern(spec.kind),
         payload=spec.payload,
         priority=priority_value(spec.priority),
         state=state,

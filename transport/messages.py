@@ -14,13 +14,15 @@ from msgspec import Meta, Struct
 
 U32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
 Text200 = Annotated[str, Meta(min_length=1, max_length=200)]
-QueueName = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]
+QueueName = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+\Z")]
 TaskId = Annotated[str, Meta(min_length=1, max_length=200)]
 WorkerId = Annotated[str, Meta(min_length=1, max_length=200)]
 PriorityName = Literal["high", "normal", "low"]
 Priority = Annotated[int, Meta(ge=0, le=255)] | PriorityName
 LeaseMs = Annotated[int, Meta(ge=100, le=86_400_000)]
 ErrorText = Annotated[str, Meta(max_length=65_536)]
+# Unix seconds between the years 1 and 9999: finite, and representable as a DuckDB TIMESTAMP.
+UnixTime = Annotated[float, Meta(ge=-62_135_596_800, le=253_402_300_799)]
 
 PRIORITY_BY_NAME: dict[str, int] = {"high": 255, "normal": 150, "low": 50}
 
@@ -51,7 +53,7 @@ class TaskSpec(Struct, frozen=True, omit_defaults=True):
     payload: bytes = b""
     queue: QueueName = "default"
     priority: Priority = "normal"
-    run_at: float | None = None
+    run_at: UnixTime | None = None
     max_retries: Annotated[int, Meta(ge=0, le=100)] | None = None
     lease_ms: LeaseMs | None = None
     unique_key: Annotated[str, Meta(min_length=1, max_length=1000)] | None = None
@@ -162,7 +164,7 @@ class Result(Message, frozen=True):
     ok: bool
     result: bytes | None = None
     error: ErrorText | None = None
-    retry: bool = True
+    retry: bool | None = True  # nil means the default, true
 
 
 class Heartbeat(Message, frozen=True):

@@ -36,8 +36,8 @@ class TcpServer:
         kwargs: dict[str, Any] = {"ssl_context": ssl_context} if ssl_context is not None else {}
         self._server = StreamServer((host, port), self._accept, **kwargs)
 
-    def start(self) -> None:
-        """Binds and starts accepting; raises ListenError for a port in use or a bad address."""
+    def bind(self) -> None:
+        """Binds and listens (before recovery, so a busy port fails fast); raises ListenError."""
         try:
             self._server.init_socket()
         except OSError as exc:
@@ -47,8 +47,11 @@ class TcpServer:
                     "another port (--port or TQ_BROKER__PORT)"
                 ) from None
             raise ListenError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self._server.start()
         self.port = self._server.server_port
+
+    def serve(self) -> None:
+        """Starts accepting: connections queued in the backlog meanwhile are served from now on."""
+        self._server.start()
 
     def stop_accepting(self) -> None:
         """Closes the listening socket; open connections carry on until they are closed."""

@@ -83,6 +83,10 @@ class _Again(Struct, frozen=True):
     pass
 
 
+class _Flush(Struct, frozen=True):
+    pass
+
+
 # ---------------------------------------------------------------- claiming
 
 
@@ -356,11 +360,17 @@ class ReporterActor(pykka.ThreadingActor):
         self.worker_id = ""
         self.connected = False
         self.retry_queued = False
+        self.flush_queued = False
         self.waiters: list[Any] = []
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Deliver):
             self.outbox[message.outcome.task_id] = message.outcome
+            if not self.flush_queued:  # behind every Deliver already in the mailbox: one pipeline for all
+                self.flush_queued = True
+                self.actor_ref.tell(_Flush())
+        elif isinstance(message, _Flush):
+            self.flush_queued = False
             self._flush()
         elif isinstance(message, _Again):
             self.retry_queued = False
