@@ -63,9 +63,13 @@ class FillWorkers(Struct, gc=False):
 
 
 class WorkerSeen(Struct, gc=False):
-    """The queue saw a CLAIM from a worker id it had not seen: the registry auto-registers it."""
+    """The queue saw a CLAIM from a worker id it had not seen: the registry auto-registers it.
+
+    `recovered`: the worker holds tasks recovered at start-up; it gets a grace period to reconnect.
+    """
 
     worker_id: str
+    recovered: bool = False
 
 
 class RegistryRequest(Struct, gc=False):

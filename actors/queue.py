@@ -145,7 +145,7 @@ class QueueActor(pykka.ThreadingActor):
                 self.known_workers.add(task.worker_id)
         for worker_id in self.known_workers:  # their heartbeat clock starts now, so silent ones die
             if self.registry is not None:
-                self.registry.tell(WorkerSeen(worker_id=worker_id))
+                self.registry.tell(WorkerSeen(worker_id=worker_id, recovered=True))
 
     # ------------------------------------------------------------ dispatch
 

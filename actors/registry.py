@@ -45,6 +45,7 @@ from transport.messages import (
 log = logging.getLogger("tqbroker.registry")
 
 DEAD_WORKER_RETENTION_S = 3600.0
+RECOVERY_GRACE_S = 10.0  # after a restart, workers holding recovered tasks get this long extra to reconnect
 
 
 class WorkerRecord:
@@ -104,7 +105,7 @@ class WorkerRegistryActor(pykka.ThreadingActor):
         if isinstance(message, RegistryRequest):
             self._on_request(message)
         elif isinstance(message, WorkerSeen):
-            self._seen(message.worker_id, time.time())
+            self._seen(message.worker_id, time.time() + (RECOVERY_GRACE_S if message.recovered else 0.0))
         elif isinstance(message, CheckWorkers):
             self._check(time.time())
         elif isinstance(message, UseQueue):

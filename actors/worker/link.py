@@ -207,11 +207,14 @@ class LinkActor(pykka.ThreadingActor):
             tell_quietly(listener, news)
 
     def _check_inactivity(self) -> None:
-        """Warn (once per `max_inactivity_s`) when no heartbeat got an answer for that long; a healthy
-        worker is heard from every heartbeat interval, so a shorter limit than 2 of those never warns."""
+        """Warn (once per limit) when the broker has not answered for `max_inactivity_s`. While connected
+        a healthy worker is heard from only once per heartbeat interval, so then the limit is at least two
+        intervals; while disconnected every second of silence is real."""
         now = time.monotonic()
         silent = now - self.last_heard
-        limit = max(self.max_inactivity_s, 2 * self.heartbeat_interval_s)
+        limit = self.max_inactivity_s
+        if self.connected:
+            limit = max(limit, 2 * self.heartbeat_interval_s)
         if silent >= limit and now - self.warned_at >= limit:
             self.warned_at = now
             log.warning("nothing heard from the broker at %s for %.0f s (worker.max_inactivity_secs); "

@@ -26,7 +26,8 @@ from typing import Protocol
 import msgspec
 import psutil
 
-from actors.worker.sdk import Reject, Retry, decode_payload, encode_result, registered_tasks
+from actors.worker.exceptions import Reject, Retry
+from actors.worker.sdk import decode_payload, encode_result, registered_tasks
 
 log = logging.getLogger("tqbroker.worker")
 

@@ -30,9 +30,10 @@ import gevent
 import gevent.event
 import pykka
 
+from actors.worker.heartbeat import HeartbeatActor
 from actors.worker.link import DeregisterNow, LinkActor, Listen, Registration, Stopping
 from actors.worker.pool import Backend, ProcessBackend, ThreadBackend, terminate_children
-from actors.worker.roles import ClaimerActor, ExecutorActor, HeartbeatActor, ReporterActor, Stop, WhenDone
+from actors.worker.roles import ClaimerActor, ExecutorActor, ReporterActor, Stop, WhenDone
 from actors.worker.sdk import registered_tasks
 from config.settings import ConfigError, Settings, load_settings
 from transport.client import Client
@@ -217,7 +218,10 @@ class Worker:
             undelivered = self.reporter.ask("undelivered")
             log.warning("%d result(s) could not be delivered before exiting", undelivered)
         self.heartbeat.tell(Stop())
-        self.link.ask(DeregisterNow(timeout_s=5.0))
+        try:
+            self.link.ask(DeregisterNow(timeout_s=5.0), timeout=15.0)  # the link may be mid-dial
+        except pykka.Timeout:
+            log.warning("DEREGISTER skipped: the broker connection is busy re-dialing")
         if unfinished:
             _hard_exit(self.exit_code)  # a thread running user code can be neither stopped nor joined
         pykka.ActorRegistry.stop_all(block=True, timeout=2.0)
