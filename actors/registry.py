@@ -52,7 +52,7 @@ class WorkerRecord:
     """What the registry knows of one worker."""
 
     __slots__ = ("worker_id", "name", "hostname", "pid", "queues", "concurrency", "metadata", "alive",
-                 "last_heartbeat", "cpu_percent", "memory_bytes")
+                 "last_heartbeat", "cpu_percent", "memory_bytes", "grace_until")
 
     def __init__(self, worker_id: str, now: float) -> None:
         self.worker_id = worker_id
@@ -66,6 +66,7 @@ class WorkerRecord:
         self.last_heartbeat = now
         self.cpu_percent = 0.0
         self.memory_bytes = 0
+        self.grace_until = 0.0  # not declared dead before this (reconnect time after a broker restart)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -105,7 +106,7 @@ class WorkerRegistryActor(pykka.ThreadingActor):
         if isinstance(message, RegistryRequest):
             self._on_request(message)
         elif isinstance(message, WorkerSeen):
-            self._seen(message.worker_id, time.time() + (RECOVERY_GRACE_S if message.recovered else 0.0))
+            self._seen(message.worker_id, time.time(), message.recovered)
         elif isinstance(message, CheckWorkers):
             self._check(time.time())
         elif isinstance(message, UseQueue):
@@ -123,13 +124,15 @@ class WorkerRegistryActor(pykka.ThreadingActor):
             log.info("worker registered", extra={"worker_id": worker_id})
         return worker
 
-    def _seen(self, worker_id: str, now: float) -> None:
+    def _seen(self, worker_id: str, now: float, recovered: bool = False) -> None:
         """A CLAIM from a worker the queue had not seen (new, or reclaimed as dead): it is alive now.
 
         A revived worker gets a fresh 2 × heartbeat window; if it stays silent it is declared dead
         again and whatever it claimed meanwhile is reclaimed.
         """
         worker = self._known(worker_id, now)
+        if recovered:
+            worker.grace_until = now + RECOVERY_GRACE_S
         if not worker.alive:
             worker.alive, worker.last_heartbeat = True, now
             log.info("worker is claiming again after being declared dead", extra={"worker_id": worker_id})
@@ -186,7 +189,7 @@ class WorkerRegistryActor(pykka.ThreadingActor):
         """Declares dead the workers silent for too long, and forgets long-dead ones."""
         for worker in list(self.workers.values()):
             silent = now - worker.last_heartbeat
-            if worker.alive and silent > self.dead_after_s:
+            if worker.alive and silent > self.dead_after_s and now > worker.grace_until:
                 worker.alive = False
                 log.warning("worker declared dead after %.1f s without a heartbeat", silent,
                             extra={"worker_id": worker.worker_id})
