@@ -133,7 +133,8 @@ def _print_json(value: Any) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.host, args.port, api_key=args.api_key, timeout=args.timeout, client_name="tqbroker-cli")
+    return Client(args.host, args.port, api_key=args.api_key, timeout=args.timeout, client_name="tqbroker-cli",
+                  tls=args.tls or bool(args.ca_file), ca_file=args.ca_file)
 
 
 def cmd_stats(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
@@ -213,7 +214,10 @@ def cmd_sql(args: argparse.Namespace, offline_query: OfflineQuery | None) -> Non
         if offline_query is None:
             raise
         print(f"note: {exc}; reading the history file instead", file=sys.stderr)
-        columns, rows = offline_query(args.query)
+        try:
+            columns, rows = offline_query(args.query)
+        except Exception as offline_exc:  # no file, locked, refused, timed out: each already one line
+            raise CliError(getattr(offline_exc, "message", None) or str(offline_exc)) from None
     if args.json:
         return _print_json({"columns": columns, "rows": rows})
     if args.csv:
@@ -263,6 +267,10 @@ def _add_common(parser: argparse.ArgumentParser, env: Mapping[str, str], suppres
     parser.add_argument("--port", type=int, default=default(env.get("TQ_BROKER__PORT", "6379")),
                         help="broker port (env TQ_BROKER__PORT, default 6379)")
     parser.add_argument("--api-key", default=default(env.get("TQ_API_KEY")), help="API key (env TQ_API_KEY)")
+    parser.add_argument("--tls", action="store_true", default=default(bool(env.get("TQ_TLS_CA"))),
+                        help="connect with TLS (implied by TQ_TLS_CA)")
+    parser.add_argument("--ca-file", default=default(env.get("TQ_TLS_CA")),
+                        help="CA certificate to verify the broker with (env TQ_TLS_CA)")
     parser.add_argument("--json", action="store_true", default=default(False), help="machine-readable output")
     parser.add_argument("--timeout", type=float, default=default(10.0), help="seconds to wait for a reply")
 

@@ -82,7 +82,11 @@ class CompactorActor(pykka.ThreadingActor):
     def snapshot(self) -> int | None:
         """Writes one snapshot; returns the WAL segment replay now starts at (None if it failed)."""
         started = time.monotonic()
-        data: SnapshotData = self.queue.ask(PrepareSnapshot())
+        try:
+            data: SnapshotData = self.queue.ask(PrepareSnapshot())
+        except Exception as exc:  # the WAL could not rotate (disk full): try again next interval
+            log.error("snapshot skipped: %s", getattr(exc, "message", None) or exc)
+            return None
         try:
             if data.finished:
                 self.history.append(data.finished)

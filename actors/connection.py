@@ -116,7 +116,7 @@ class Session:
         self.state = ConnectionState()
         self.actor = ConnectionActor.start(sock, peer, self.state, ctx.metrics)
 
-    def route(self, frames: list[tuple[int, bytes]]) -> bool:
+    def route(self, frames: list[tuple[int, bytes]], nbytes: int = 0) -> bool:
         """Routes decoded frames; False when the connection must close (failed authentication)."""
         ctx, direct, to_queue = self.ctx, [], []
         for type_byte, payload in frames:
@@ -142,7 +142,7 @@ class Session:
                 direct.append(msg)
         if to_queue:
             self.state.in_flight += len(to_queue)
-            ctx.queue.tell(QueueRequests(to_queue, self.actor))
+            ctx.queue.tell(QueueRequests(to_queue, self.actor, nbytes))
         if direct:
             self._send(direct)
         return True
@@ -183,7 +183,10 @@ class Session:
         except Exception as exc:  # QueryRefused / QueryTimeout / no history: all user-facing text
             code = getattr(exc, "code", ErrorCode.BAD_REQUEST)
             reply = Error(id=msg.id, code=code, message=getattr(exc, "message", None) or str(exc))
-        self.actor.tell(Replies([reply]))
+        try:
+            self.actor.tell(Replies([reply]))
+        except pykka.ActorDeadError:  # the client went away while its query ran
+            pass
 
     def close(self) -> None:
         """Lets the actor send what it already has, then stops it; waiting claims are withdrawn."""
@@ -227,7 +230,7 @@ def serve_connection(ctx: BrokerContext, sock: socket.socket, address: Any) -> N
                 session.route(exc.frames)  # type: ignore[attr-defined]
                 session._send([Error(id=0, code=exc.code, message=exc.message)], close=True)
                 break
-            if not session.route(frames):
+            if not session.route(frames, len(data)):
                 break
             if session.state.in_flight > MAX_IN_FLIGHT:
                 session.state.drained.clear()

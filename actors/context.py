@@ -30,8 +30,8 @@ class ApiKeys:
 
 
 def _digest_of(entry: str) -> bytes:
-    if entry.startswith("sha256:"):
-        return bytes.fromhex(entry.removeprefix("sha256:"))
+    if entry[:7].lower() == "sha256:":
+        return bytes.fromhex(entry[7:])
     return hashlib.sha256(entry.encode()).digest()
 
 

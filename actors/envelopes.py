@@ -25,6 +25,7 @@ class QueueRequests(Struct, gc=False):
 
     requests: list[Message]
     reply_to: Any
+    nbytes: int = 0  # size of the frames they came in: bounds the WAL bytes they can add
 
 
 class RenewLeases(Struct, gc=False):

@@ -39,8 +39,15 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        context = " ".join(f"{f}={record.__dict__[f]}" for f in CONTEXT_FIELDS if record.__dict__.get(f) is not None)
+        context = " ".join(f"{f}={_plain(record.__dict__[f])}" for f in CONTEXT_FIELDS
+                           if record.__dict__.get(f) is not None)
         return f"{line} [{context}]" if context else line
+
+
+def _plain(value: object) -> str:
+    """A context value on one line: client-chosen ids must not forge log lines with newlines."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
 
 
 def setup_logging(level: str, json_lines: bool) -> None:

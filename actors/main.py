@@ -72,15 +72,15 @@ def run_broker(settings: Settings) -> int:
     setup_logging(settings.monitoring.log_level, settings.monitoring.json_logging)
     log.debug("settings: %s", settings_summary(settings))
     system = BrokerSystem(settings)
+    stop = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before start: recovery may take seconds
+        gevent.signal_handler(signum, stop.set)
     try:
         system.start()
-    except (StartupError, StorageError, WalError, ListenError) as exc:
+    except (StartupError, StorageError, WalError, ListenError, OSError) as exc:
         print(f"tqbroker: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
         system.stop()
         return 1
-    stop = gevent.event.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stop.set)
     stop.wait()
     log.info("stopping: signal received")
     system.stop()

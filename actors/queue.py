@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
+import gevent
 import msgspec
 import pykka
 
@@ -62,6 +63,7 @@ from transport.messages import (
 log = logging.getLogger("tqbroker.queue")
 
 MAX_WAIT_MS = 60_000
+WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
 TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable within this of their run_at
 RECENT_FINISHED = 10_000
 _ACKS = (Submitted, SubmittedBatch, Ok, Assigned)
@@ -123,6 +125,7 @@ class QueueActor(pykka.ThreadingActor):
         self.shutting_down = False
         self._records: list[WalRecord] = []
         self._outbox: dict[str, tuple[Any, list[Message]]] = {}
+        self._submitted: dict[str, int] = {}  # per queue, counted into the metric once per message
         if recovered is not None:
             self._load(*recovered)
 
@@ -136,7 +139,9 @@ class QueueActor(pykka.ThreadingActor):
     def _load(self, tasks: dict[str, Task], counters: Counters) -> None:
         """Rebuilds the indexes from recovered tasks; pending order is kept by ready_seq."""
         self.counters = counters
-        for task in sorted(tasks.values(), key=lambda t: t.ready_seq):
+        for n, task in enumerate(sorted(tasks.values(), key=lambda t: t.ready_seq)):
+            if n % 10_000 == 0:
+                gevent.sleep(0)  # keep /healthz answering while a large queue is rebuilt
             self.index.tasks[task.task_id] = task
             self.index.enter(task)
             self.index.add_unique(task)
@@ -160,7 +165,7 @@ class QueueActor(pykka.ThreadingActor):
 
     def _on_requests(self, batch: QueueRequests) -> None:
         now = time.time()
-        refusal = self._refusal()
+        refusal = self._refusal(batch.nbytes)
         for request in batch.requests:
             if refusal is not None and not isinstance(request, Status):
                 self._reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
@@ -169,13 +174,24 @@ class QueueActor(pykka.ThreadingActor):
             if reply is not None:
                 self._reply(batch.reply_to, reply)
 
-    def _refusal(self) -> tuple[str, str] | None:
-        """Why changes are refused right now (shutting down, or the WAL cannot be written); reads go on."""
+    def _refusal(self, nbytes: int) -> tuple[str, str] | None:
+        """Why changes are refused right now (shutting down, or the WAL cannot take them); reads go on.
+
+        The free-space check comes before any change is applied: a change refused for a full disk must
+        not stay applied in memory. (A disk filled by someone else between the check and the write can
+        still fail the append; then the acknowledgements become INTERNAL errors.)
+        """
         if self.shutting_down:
             return ErrorCode.SHUTTING_DOWN, "broker is shutting down; retry against its replacement"
-        if self.wal is None or self.wal.healthy or self.wal.probe():
+        if self.wal is None:
             return None
-        return ErrorCode.INTERNAL, writable_error(self.wal)
+        if not (self.wal.healthy or self.wal.probe()):
+            return ErrorCode.INTERNAL, writable_error(self.wal)
+        free = self.wal.free_bytes()
+        if free < 2 * nbytes + WAL_HEADROOM_BYTES:
+            return ErrorCode.INTERNAL, (f"disk full: {self.wal.directory} has {free} bytes free; "
+                                        "free space on that disk and retry")
+        return None
 
     # ------------------------------------------------------------ submit
 
@@ -199,7 +215,7 @@ class QueueActor(pykka.ThreadingActor):
         self.index.enter(record.task)
         self.index.add_unique(record.task)
         self._records.append(record)
-        self.metrics.count_submitted(spec.queue)
+        self._submitted[spec.queue] = self._submitted.get(spec.queue, 0) + 1
         if record.task.state == TaskState.PENDING:
             self._serve_waiters(record.task.queue, now)
         return record.task.task_id, False
@@ -336,7 +352,7 @@ class QueueActor(pykka.ThreadingActor):
                 return Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}")
             return _finished_answer(request_id, task, code, message)
 
-        self.history.lookup(task_id, lambda task: reply_to.tell(Replies([answer(task)])))
+        self.history.lookup(task_id, lambda task: _send({"": (reply_to, [answer(task)])}))
 
     # ------------------------------------------------------------ leases and workers
 
@@ -485,6 +501,10 @@ class QueueActor(pykka.ThreadingActor):
 
     def _commit(self) -> None:
         """Writes this message's WAL records, then releases its replies once they are durable."""
+        if self._submitted:
+            for queue, count in self._submitted.items():
+                self.metrics.count_submitted(queue, count)
+            self._submitted.clear()
         outbox, self._outbox = self._outbox, {}
         records, self._records = self._records, []
         if records and self.wal is not None:

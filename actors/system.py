@@ -26,7 +26,7 @@ from actors.envelopes import Shutdown
 from actors.history_link import HistoryLink
 from actors.lease_watcher import LeaseWatcherActor
 from actors.metrics import BrokerMetrics, health_app
-from actors.queue import QueueActor, writable_error
+from actors.queue import WAL_HEADROOM_BYTES, QueueActor, writable_error
 from actors.registry import UseQueue, WorkerRegistryActor
 from config.settings import Settings
 from storage.database import Database
@@ -39,6 +39,7 @@ from transport.server import ListenError, TcpServer
 log = logging.getLogger("tqbroker")
 
 DB_FILE = "tqbroker.duckdb"
+FINAL_SNAPSHOT_TIMEOUT_S = 3.0  # past this the stop goes on: the WAL still holds everything
 
 
 class StartupError(Exception):
@@ -93,7 +94,8 @@ class BrokerSystem:
         ctx = BrokerContext(settings=s, queue=None, registry=None, server=None,
                             keys=ApiKeys(s.auth.api_keys), run_query=self._run_query, metrics=self.metrics)
         self.server = TcpServer(s.broker.host, s.broker.port, partial(serve_connection, ctx),
-                                s.broker.max_connections, ssl_context=tls_context(s))
+                                s.broker.max_connections, ssl_context=tls_context(s),
+                                handshake_timeout_s=s.broker.connection_timeout_secs)
         ctx.server = self.server
         self.server.bind()
         self._start_http()
@@ -149,10 +151,14 @@ class BrokerSystem:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready = listening, recovered, and the WAL writable (not out of disk)."""
-        wal_ok = self.wal is not None and self.wal.healthy
-        details = {"listening": self.ready, "wal_writable": wal_ok}
-        if self.wal is not None and not wal_ok:
-            details["error"] = writable_error(self.wal)
+        wal = self.wal
+        wal_ok = wal is not None and wal.healthy
+        details: dict[str, Any] = {"listening": self.ready, "recovered": self.ready, "wal_writable": wal_ok}
+        if wal is not None and not wal_ok:
+            details["error"] = writable_error(wal)
+        elif wal is not None and wal.free_bytes() < WAL_HEADROOM_BYTES:
+            wal_ok = details["wal_writable"] = False
+            details["error"] = f"disk full: {wal.directory} has {wal.free_bytes()} bytes free"
         return self.ready and wal_ok, details
 
     def _run_query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
@@ -170,7 +176,7 @@ class BrokerSystem:
             if self.queue is not None:
                 self.queue.ask(Shutdown(), timeout=2.0)
             if self.compactor is not None:
-                self.compactor.proxy().snapshot().get(timeout=10.0)
+                self.compactor.proxy().snapshot().get(timeout=FINAL_SNAPSHOT_TIMEOUT_S)
         except Exception as exc:  # a failed final snapshot loses nothing: the WAL still has it all
             log.error("final snapshot skipped: %s", exc)
         pykka.ActorRegistry.stop_all(block=True, timeout=2.0)

@@ -274,6 +274,11 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError("api.enable_tls needs api.tls_cert_path and api.tls_key_path", key="api.enable_tls")
     if auth.enabled and not auth.api_keys:
         raise ConfigError("auth.enabled is true but auth.api_keys is empty", key="auth.api_keys")
+    for i, entry in enumerate(auth.api_keys):
+        if entry.lower().startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", entry[7:]):
+            raise ConfigError(f"auth.api_keys[{i}] starts with sha256: but is not followed by 64 hex digits "
+                              "(write the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)",
+                              key="auth.api_keys")
 
 
 def load_settings(

@@ -107,6 +107,10 @@ def _unwrap(outcome: _Outcome) -> Any:
     return value
 
 
+def _invalidated(exc: Exception) -> bool:
+    return isinstance(exc, duckdb.FatalException) or "invalidated" in str(exc)
+
+
 def _failure_message(path: Path, exc: Exception) -> str:
     text = str(exc)
     if "No space left on device" in text:
@@ -166,9 +170,9 @@ class Database:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StorageError(f"cannot create {self.path.parent}: {exc.strerror or exc}") from None
-        config = {"memory_limit": memory_limit, "threads": threads, "enable_external_access": False}
+        self._config = {"memory_limit": memory_limit, "threads": threads, "enable_external_access": False}
         try:
-            self._conn = duckdb.connect(str(path), read_only=read_only, config=config)
+            self._conn = duckdb.connect(str(path), read_only=read_only, config=self._config)
         except duckdb.Error as exc:
             raise StorageError(_open_error_message(self.path, exc)) from None
         self._read_root = self._conn.cursor()  # cursors for reads are made from this, never used itself
@@ -191,7 +195,25 @@ class Database:
         try:
             return _unwrap(self._writer.spawn(_capture, fn, self._conn, *args).get())
         except duckdb.Error as exc:
+            if _invalidated(exc):
+                self._reopen()
             raise StorageError(_failure_message(self.path, exc)) from exc
+
+    def _reopen(self) -> None:
+        """DuckDB invalidates a database after a fatal error (a CHECKPOINT that hit a full disk): the
+        connection must be opened again before anything works, even once space has returned."""
+        log.warning("reopening %s after a fatal DuckDB error", self.path)
+
+        def reopen(_conn: duckdb.DuckDBPyConnection) -> None:
+            with contextlib.suppress(duckdb.Error):
+                _close_connections(self._read_root, self._conn)
+            self._conn = duckdb.connect(str(self.path), read_only=self.read_only, config=self._config)
+            self._read_root = self._conn.cursor()
+
+        try:
+            _unwrap(self._writer.spawn(_capture, reopen, self._conn).get())
+        except duckdb.Error as exc:  # still no space: the next failing write tries again
+            log.error("cannot reopen %s yet: %s", self.path, _failure_message(self.path, exc))
 
     def run_read(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         """Runs `fn(cursor, *args)` on a reader thread with a fresh cursor.

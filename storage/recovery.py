@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+import gevent
 import msgspec
 
 from storage.database import Database
@@ -31,6 +32,9 @@ class RecoveredState(msgspec.Struct):
     next_segment: int  # open the WAL at this segment number
     replayed_records: int
     seconds: float
+
+
+YIELD_EVERY_RECORDS = 5_000
 
 
 def recover(data_dir: Path, db: Database) -> RecoveredState:
@@ -55,6 +59,8 @@ def recover(data_dir: Path, db: Database) -> RecoveredState:
         if done is not None:
             finished.append(done)
         replayed += 1
+        if replayed % YIELD_EVERY_RECORDS == 0:
+            gevent.sleep(0)  # let /healthz and /readyz answer while a long WAL replays
     segments = list_segments(wal_dir)
     next_segment = max(from_segment, segments[-1][0] + 1 if segments else 1)
     seconds = time.perf_counter() - started

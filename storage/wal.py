@@ -83,6 +83,8 @@ def list_segments(directory: str | Path) -> list[tuple[int, Path]]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise WalError(f"cannot list WAL directory {directory}: {exc.strerror or exc}") from None
     found = [(int(m.group(1)), Path(directory) / name) for name in names if (m := _SEGMENT_NAME.match(name))]
     return sorted(found)
 
@@ -277,6 +279,15 @@ class WriteAheadLog:
         finally:
             self._undo_write(self._size)
 
+    def free_bytes(self) -> int:
+        """Bytes the WAL's filesystem still takes (one statvfs): lets the broker refuse a change up front
+        rather than apply it in memory and then fail to log it."""
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return 1 << 62
+        return st.f_bavail * st.f_frsize
+
     def rotate(self) -> int:
         """Starts the next segment and returns its number: every earlier change is in lower numbers.
 
@@ -449,6 +460,8 @@ def _read_v1(data: bytes, number: int, path: Path) -> _Parsed:
         except msgspec.DecodeError:
             return records, offset, "undecodable record"
         offset = body + length
+        if len(records) % 4096 == 0:
+            gevent.sleep(0)  # a long replay must not starve the health endpoints
     return records, offset, None
 
 

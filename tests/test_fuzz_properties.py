@@ -340,8 +340,6 @@ def test_the_client_decoder_raises_only_msgspec_errors_on_any_reply(type_byte: i
     assert type(reply) is RESPONSE_TYPES[type_byte]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: decode_response lets RecursionError escape; the client reader "
-                                       "catches only msgspec errors, so its thread dies with a traceback")
 def test_the_client_decoder_reports_a_deeply_nested_reply_as_a_msgspec_error() -> None:
     with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
         decode_response(0x40, b"\x81\xa1a" * 200_000)

@@ -78,8 +78,6 @@ def test_the_broker_rss_stays_bounded_under_fuzzing(fuzzed: tuple[BrokerProcess,
     assert peak < start + (512 << 20), f"RSS peaked {(peak - start) >> 20} MiB above its start"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: replies to a connection that closed meanwhile (QUERY result, history "
-                                       "lookup) raise ActorDeadError in a bare greenlet: tracebacks on stderr")
 def test_the_broker_log_stays_json_while_fuzzed(fuzzed: tuple[BrokerProcess, dict[str, Any], str]) -> None:
     broker, _, _ = fuzzed
     other = []

@@ -155,9 +155,6 @@ def test_api_keys_compare_every_entry_in_constant_time(monkeypatch: pytest.Monke
     assert keys.accepts(None) is False
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a non-hex sha256: entry escapes as a ValueError traceback (exit 1, "
-                                       "not a config error naming auth.api_keys); a wrong-length digest is accepted "
-                                       "and can never match")
 @pytest.mark.parametrize("entry", ["sha256:not-hex", "sha256:abcd"], ids=["not-hex", "too-short"])
 def test_a_malformed_sha256_key_entry_stops_the_start_with_a_config_error(tmp_path: Path, entry: str) -> None:
     env = broker_env(tmp_path, TQ_AUTH__ENABLED="true", TQ_AUTH__API_KEYS=entry)
@@ -397,8 +394,6 @@ def test_an_unreadable_key_stops_the_start_naming_it(tmp_path: Path, certs: dict
     assert done.returncode == 1 and str(key) in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a failed TLS handshake escapes gevent's StreamServer as a traceback on "
-                                       "stderr (not JSON, no peer) instead of one log line")
 def test_a_failed_tls_handshake_is_logged_as_one_json_line_with_the_peer(tls_broker: BrokerProcess) -> None:
     with socket.create_connection(("127.0.0.1", tls_broker.port), timeout=5) as sock:
         peer = f"127.0.0.1:{sock.getsockname()[1]}"
@@ -413,8 +408,6 @@ def test_a_failed_tls_handshake_is_logged_as_one_json_line_with_the_peer(tls_bro
     assert other == [], f"non-JSON lines in the log: {other[:3]}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the TLS handshake runs before the connection handler, with no timeout "
-                                       "and outside max_connections: a silent client holds a socket forever")
 def test_a_connection_that_never_starts_its_tls_handshake_is_closed_after_the_idle_timeout(
     tls_broker: BrokerProcess,
 ) -> None:

@@ -150,4 +150,7 @@ def decode_response(type_byte: int, payload: bytes) -> Message:
     decoder = _response_decoders.get(type_byte)
     if decoder is None:
         raise msgspec.ValidationError(f"unknown response type 0x{type_byte:02X}")
-    return decoder.decode(payload)
+    try:
+        return decoder.decode(payload)
+    except RecursionError:
+        raise msgspec.DecodeError("response nests too deeply to decode") from None

@@ -8,6 +8,7 @@ closed; the others are unaffected.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from gevent.server import StreamServer
 from transport.frames import encode_frame
 from transport.messages import Error, ErrorCode
 
+log = logging.getLogger("tqbroker.server")
+
 
 class ListenError(Exception):
     """The server could not listen; the message says on what and why, in one line."""
@@ -26,15 +29,18 @@ class ListenError(Exception):
 class TcpServer:
     def __init__(
         self, host: str, port: int, handle: Callable[[socket.socket, Any], None], max_connections: int,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | None = None, handshake_timeout_s: float = 10.0,
     ) -> None:
         self.host = host
         self.port = port
         self._handle = handle
         self.max_connections = max_connections
         self.connections = 0
-        kwargs: dict[str, Any] = {"ssl_context": ssl_context} if ssl_context is not None else {}
-        self._server = StreamServer((host, port), self._accept, **kwargs)
+        self.ssl_context = ssl_context
+        self.handshake_timeout_s = handshake_timeout_s
+        # TLS is wrapped in _accept, not by StreamServer: the handshake then counts against the limit,
+        # has a timeout, and a failed one is one log line instead of a gevent traceback.
+        self._server = StreamServer((host, port), self._accept)
 
     def bind(self) -> None:
         """Binds and listens (before recovery, so a busy port fails fast); raises ListenError."""
@@ -70,6 +76,21 @@ class TcpServer:
         self.connections += 1
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = self._handshake(sock, address)
+                if sock is None:
+                    return
             self._handle(sock, address)
         finally:
             self.connections -= 1
+
+    def _handshake(self, sock: socket.socket, address: Any) -> ssl.SSLSocket | None:
+        assert self.ssl_context is not None
+        sock.settimeout(self.handshake_timeout_s)
+        try:
+            return self.ssl_context.wrap_socket(sock, server_side=True)
+        except (OSError, ssl.SSLError) as exc:  # plaintext client, wrong CA, silent peer
+            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+            log.warning("TLS handshake failed: %s", getattr(exc, "reason", None) or exc, extra={"peer": peer})
+            sock.close()
+            return None

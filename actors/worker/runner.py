@@ -42,7 +42,7 @@ log = logging.getLogger("tqbroker.worker")
 
 CLAIM_WAIT_MS = 5000
 FORCED_DEREGISTER_TIMEOUT_S = 1.0
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}\Z")
 
 
 class UsageError(Exception):
@@ -65,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="broker host (default broker.host, or 127.0.0.1)")
     p.add_argument("--port", type=int, help="broker port (default broker.port, 6379)")
     p.add_argument("--api-key", help="API key for HELLO (default TQ_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca-file or TQ_TLS_CA)")
+    p.add_argument("--ca-file", help="CA certificate that signed the broker's (default TQ_TLS_CA)")
     p.add_argument("--name", help="worker name shown in WORKERS (default HOSTNAME-PID)")
     p.add_argument("--config", metavar="FILE", help="YAML file overriding config/default.yaml")
     p.add_argument("--log-level", help="debug, info, warning, error (monitoring.log_level)")
@@ -109,6 +111,8 @@ class WorkerConfig:
         self.host = args.host or _dial_host(settings.broker.host)
         self.port = args.port or settings.broker.port
         self.api_key: str | None = args.api_key or os.environ.get("TQ_API_KEY") or None
+        self.ca_file: str | None = args.ca_file or os.environ.get("TQ_TLS_CA") or None
+        self.tls: bool = bool(args.tls or self.ca_file)
         self.name: str = (args.name or f"{socket.gethostname()}-{os.getpid()}")[:200]
         self.queue_flag: list[str] | None = None
         if args.queues:
@@ -139,7 +143,8 @@ class Worker:
         self.exit_code = 0
         self.signals = 0
         s = config.settings.worker
-        client_opts: dict[str, Any] = {"api_key": config.api_key, "connect": False}
+        client_opts: dict[str, Any] = {"api_key": config.api_key, "connect": False, "tls": config.tls,
+                                       "ca_file": config.ca_file}
         self.control = Client(config.host, config.port, client_name="tqbroker-worker", **client_opts)
         self.claims = Client(config.host, config.port, client_name="tqbroker-worker-claims", **client_opts)
         self.backend: Backend = (
@@ -186,7 +191,8 @@ class Worker:
         if worker_id is not None:
             try:
                 with Client(self.config.host, self.config.port, self.config.api_key,
-                            timeout=FORCED_DEREGISTER_TIMEOUT_S) as client:
+                            timeout=FORCED_DEREGISTER_TIMEOUT_S, tls=self.config.tls,
+                            ca_file=self.config.ca_file) as client:
                     client.deregister(worker_id)
                 log.info("worker deregistered", extra={"worker_id": worker_id})
             except Exception as exc:  # exiting anyway; the broker reclaims the tasks when heartbeats stop

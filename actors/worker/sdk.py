@@ -139,6 +139,12 @@ def _env_address() -> tuple[str, int, str | None]:
     return host, port, os.environ.get("TQ_API_KEY") or None
 
 
+def _env_tls() -> dict[str, Any]:
+    """TLS options from TQ_TLS_CA (the CA that signed the broker's certificate), if set."""
+    ca_file = os.environ.get("TQ_TLS_CA")
+    return {"tls": True, "ca_file": ca_file} if ca_file else {}
+
+
 def connect(host: str | None = None, port: int | None = None, api_key: str | None = None,
             **client_options: Any) -> Client:
     """Dial the broker and make it the process-wide default connection (closing the previous one).
@@ -149,6 +155,8 @@ def connect(host: str | None = None, port: int | None = None, api_key: str | Non
     global _default_client
     env_host, env_port, env_key = _env_address()
     client_options.setdefault("client_name", "tqbroker-python-sdk")
+    for option, value in _env_tls().items():
+        client_options.setdefault(option, value)
     client = Client(host or env_host, port or env_port, api_key if api_key is not None else env_key,
                     **client_options)
     with _default_lock:
@@ -164,7 +172,7 @@ def get_client() -> Client:
     with _default_lock:
         if _default_client is None:
             host, port, api_key = _env_address()
-            _default_client = Client(host, port, api_key, client_name="tqbroker-python-sdk")
+            _default_client = Client(host, port, api_key, client_name="tqbroker-python-sdk", **_env_tls())
         elif not _default_client.connected:
             _default_client.reconnect()
         return _default_client
