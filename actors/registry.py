@@ -45,7 +45,7 @@ from transport.messages import (
 log = logging.getLogger("tqbroker.registry")
 
 DEAD_WORKER_RETENTION_S = 3600.0
-RECOVERY_GRACE_S = 10.0  # after a restart, workers holding recovered tasks get this long extra to reconnect
+RECOVERY_GRACE_S = 5.0  # after a restart, workers of recovered tasks get up to this long extra to reconnect
 
 
 class WorkerRecord:
@@ -132,7 +132,7 @@ class WorkerRegistryActor(pykka.ThreadingActor):
         """
         worker = self._known(worker_id, now)
         if recovered:
-            worker.grace_until = now + RECOVERY_GRACE_S
+            worker.grace_until = now + min(RECOVERY_GRACE_S, self.dead_after_s)
         if not worker.alive:
             worker.alive, worker.last_heartbeat = True, now
             log.info("worker is claiming again after being declared dead", extra={"worker_id": worker_id})
