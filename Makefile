@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-quick bench-peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m loadtest.bench
+
+bench-quick: $(VENV)/.installed
+	$(PY) -m loadtest.bench --quick
+
+bench-peers: $(VENV)/.installed
+	command -v beanstalkd >/dev/null && command -v redis-server >/dev/null || \
+		(apt-get update && apt-get install -y beanstalkd redis-server)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m loadtest.bench --peers
 
 clean:
 	rm -rf $(VENV) data bench-results

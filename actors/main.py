@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -83,7 +84,9 @@ def run_broker(settings: Settings) -> int:
         return 1
     stop.wait()
     log.info("stopping: signal received")
-    system.stop()
+    if not system.stop():
+        logging.shutdown()
+        os._exit(0)  # a snapshot thread is still in DuckDB: do not wait for it (the WAL holds everything)
     return 0
 
 

@@ -165,23 +165,35 @@ class BrokerSystem:
         assert self.history is not None
         return self.history.query(sql, timeout=self.settings.api.query_timeout_secs)
 
-    def stop(self) -> None:
-        """Graceful stop; every step is bounded so the process exits within a few seconds."""
+    def stop(self) -> bool:
+        """Graceful stop; every step is bounded so the process exits within a few seconds.
+
+        Returns False when something was left running (a final snapshot still being written): the
+        caller should then exit the process without waiting for it; the WAL has every change.
+        """
         self.ready = False
         if self.server is not None:
             self.server.stop_accepting()
         if self.http is not None:
             self.http.stop(timeout=1)
+        clean = True
         try:
             if self.queue is not None:
                 self.queue.ask(Shutdown(), timeout=2.0)
             if self.compactor is not None:
                 self.compactor.proxy().snapshot().get(timeout=FINAL_SNAPSHOT_TIMEOUT_S)
         except Exception as exc:  # a failed final snapshot loses nothing: the WAL still has it all
-            log.error("final snapshot skipped: %s", exc)
-        pykka.ActorRegistry.stop_all(block=True, timeout=2.0)
+            log.warning("final snapshot not finished (%s); the next start replays the WAL instead",
+                        type(exc).__name__)
+            clean = False
+        try:
+            pykka.ActorRegistry.stop_all(block=True, timeout=2.0)
+        except pykka.Timeout:
+            log.warning("some actors did not stop within 2 s")
+            clean = False
         if self.wal is not None:
             self.wal.close()
-        if self.db is not None:
+        if self.db is not None and clean:
             self.db.close()
         log.info("tqbroker stopped")
+        return clean
