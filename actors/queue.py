@@ -3,14 +3,15 @@
 It receives the queue-bound requests of one `recv()` as one message, applies each change through the
 state machine (`task_states`), writes the WAL records of the whole message with one `append`, and only
 then tells the replies back (PROTOCOL.md "Durability"). A CLAIM that finds nothing waits as a stored
-reply address until a task arrives or its `wait_ms` runs out.
+reply address until a task arrives or its `wait_ms` runs out (`actors.waiters`). How answers are
+worded and told back is in `actors.answers`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any
 
 import gevent
@@ -18,6 +19,17 @@ import msgspec
 import pykka
 
 from actors import task_states as states
+from actors.answers import (
+    Outbox,
+    finished_answer,
+    queue_gauges,
+    refuse,
+    send_outbox,
+    stats_info,
+    task_info,
+    with_running,
+    writable_error,  # also imported from here by actors.system
+)
 from actors.compactor import PrepareSnapshot, SnapshotData, SnapshotTaken
 from actors.envelopes import (
     ConnectionClosed,
@@ -27,7 +39,6 @@ from actors.envelopes import (
     QueueRequests,
     ReclaimWorker,
     RenewLeases,
-    Replies,
     Shutdown,
     Tick,
     WorkerSeen,
@@ -36,6 +47,7 @@ from actors.history_link import HistoryLink, HistoryWritten
 from actors.metrics import BrokerMetrics
 from actors.task_index import TaskIndex
 from actors.timers import every
+from actors.waiters import ClaimWaiters
 from config.settings import Settings
 from storage.model import Counters, LeasesRenewed, Task, TaskFinished, TaskState, WalRecord, apply_record
 from transport.messages import (
@@ -48,14 +60,12 @@ from transport.messages import (
     Message,
     Ok,
     Result,
-    StatsInfo,
     StatsReply,
     Status,
     Submit,
     SubmitBatch,
     Submitted,
     SubmittedBatch,
-    TaskInfo,
     TaskStatus,
     WorkerList,
 )
@@ -66,31 +76,6 @@ MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
 TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable within this of their run_at
 RECENT_FINISHED = 10_000
-_ACKS = (Submitted, SubmittedBatch, Ok, Assigned)
-
-
-class Waiter:
-    """A CLAIM waiting for work: answered when a task arrives in one of its queues or at its deadline."""
-
-    __slots__ = ("request_id", "worker_id", "queues", "max_tasks", "reply_to", "deadline", "done")
-
-    def __init__(self, claim: Claim, max_tasks: int, reply_to: Any, deadline: float) -> None:
-        self.request_id = claim.id
-        self.worker_id = claim.worker_id
-        self.queues = claim.queues
-        self.max_tasks = max_tasks
-        self.reply_to = reply_to
-        self.deadline = deadline
-        self.done = False
-
-
-def task_info(task: Task) -> TaskInfo:
-    return TaskInfo(
-        task_id=task.task_id, queue=task.queue, kind=task.kind, priority=task.priority, state=task.state,
-        attempts=task.attempts, max_retries=task.max_retries, submitted_at=task.submitted_at,
-        run_at=task.run_at, started_at=task.started_at, finished_at=task.finished_at,
-        worker_id=task.worker_id, result=task.result, error=task.error,
-    )
 
 
 class QueueActor(pykka.ThreadingActor):
@@ -120,11 +105,10 @@ class QueueActor(pykka.ThreadingActor):
         self.started = time.time()
         self.known_workers: set[str] = set()
         self.recent: OrderedDict[str, Task] = OrderedDict()
-        self.waiters: dict[str, deque[Waiter]] = {}
-        self.waiting: list[Waiter] = []
+        self.waiters = ClaimWaiters(self.index.has_pending, self._claim, self._reply)
         self.shutting_down = False
         self._records: list[WalRecord] = []
-        self._outbox: dict[str, tuple[Any, list[Message]]] = {}
+        self._outbox: Outbox = {}
         self._submitted: dict[str, int] = {}  # per queue, counted into the metric once per message
         if recovered is not None:
             self._load(*recovered)
@@ -217,7 +201,7 @@ class QueueActor(pykka.ThreadingActor):
         self._records.append(record)
         self._submitted[spec.queue] = self._submitted.get(spec.queue, 0) + 1
         if record.task.state == TaskState.PENDING:
-            self._serve_waiters(record.task.queue, now)
+            self.waiters.serve(record.task.queue, now)
         return record.task.task_id, False
 
     def _on_submit(self, req: Submit, reply_to: Any, now: float) -> Message:
@@ -250,10 +234,7 @@ class QueueActor(pykka.ThreadingActor):
         wait_ms = min(max(req.wait_ms, 0), MAX_WAIT_MS)
         if tasks or wait_ms == 0:
             return Assigned(id=req.id, tasks=tasks)
-        waiter = Waiter(req, max_tasks, reply_to, now + wait_ms / 1000.0)
-        for queue in dict.fromkeys(req.queues):
-            self.waiters.setdefault(queue, deque()).append(waiter)
-        self.waiting.append(waiter)
+        self.waiters.park(req, max_tasks, reply_to, now + wait_ms / 1000.0)
         return None
 
     def _claim(self, worker_id: str, queues: list[str], limit: int, now: float) -> list[Assignment]:
@@ -266,35 +247,6 @@ class QueueActor(pykka.ThreadingActor):
                 priority=task.priority, attempt=task.attempts, lease_expires_at=task.lease_expires_at or now,
             ))
         return assignments
-
-    def _serve_waiters(self, queue: str, now: float) -> None:
-        """Hands newly pending work in `queue` to the claims waiting on it, oldest first."""
-        line = self.waiters.get(queue)
-        while line and self.index.has_pending((queue,)):
-            waiter = line.popleft()
-            if waiter.done:
-                continue
-            waiter.done = True
-            tasks = self._claim(waiter.worker_id, waiter.queues, waiter.max_tasks, now)
-            self._reply(waiter.reply_to, Assigned(id=waiter.request_id, tasks=tasks))
-        if line is not None and not line:
-            del self.waiters[queue]
-
-    def _expire_waiters(self, now: float, everyone: bool = False) -> None:
-        if not self.waiting:
-            return
-        keep = []
-        for waiter in self.waiting:
-            if waiter.done:
-                continue
-            if everyone or waiter.deadline <= now:
-                waiter.done = True
-                self._reply(waiter.reply_to, Assigned(id=waiter.request_id, tasks=[]))
-            else:
-                keep.append(waiter)
-        self.waiting = keep
-        if everyone:
-            self.waiters.clear()
 
     # ------------------------------------------------------------ result, status, cancel
 
@@ -344,15 +296,15 @@ class QueueActor(pykka.ThreadingActor):
         """
         finished = self.recent.get(task_id)
         if finished is not None:
-            self._reply(reply_to, _finished_answer(request_id, finished, code, message))
+            self._reply(reply_to, finished_answer(request_id, finished, code, message))
             return
 
         def answer(task: Task | None) -> Message:
             if task is None:
                 return Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}")
-            return _finished_answer(request_id, task, code, message)
+            return finished_answer(request_id, task, code, message)
 
-        self.history.lookup(task_id, lambda task: _send({"": (reply_to, [answer(task)])}))
+        self.history.lookup(task_id, lambda task: send_outbox({"": (reply_to, [answer(task)])}))
 
     # ------------------------------------------------------------ leases and workers
 
@@ -402,7 +354,7 @@ class QueueActor(pykka.ThreadingActor):
         for task in self.index.due_scheduled(now):
             self.ready_seq += 1
             self._change(task, states.promote(task, self.ready_seq))
-        self._expire_waiters(now)
+        self.waiters.expire(now)
         self.history.flush_due(now)
         if now - self._gauges_at >= self.gauge_interval_s:
             self._gauges_at = now
@@ -410,32 +362,16 @@ class QueueActor(pykka.ThreadingActor):
 
     def _refresh_gauges(self) -> None:
         idx = self.index
-        tiers = {"high": 0, "normal": 0, "low": 0}
-        per_queue = {}
-        for name, counts in idx.counts.items():
-            v = counts.values
-            per_queue[name] = v[0]
-            tiers["high"] += v[3]
-            tiers["normal"] += v[4]
-            tiers["low"] += v[5]
+        tiers, per_queue = queue_gauges(idx)
         self.metrics.set_queue_gauges(idx.pending_total, idx.running_total, idx.scheduled_total, tiers,
                                       per_queue, self.history.backlog)
 
     def _on_fill_stats(self, msg: FillStats) -> None:
-        c, idx = self.counters, self.index
-        stats = StatsInfo(
-            pending=idx.pending_total, scheduled=idx.scheduled_total, running=idx.running_total,
-            completed_total=c.completed_total, failed_total=c.failed_total, cancelled_total=c.cancelled_total,
-            submitted_total=c.submitted_total, workers_alive=msg.workers_alive, connections=msg.connections,
-            uptime_s=time.time() - self.started, queues=idx.queue_stats(),
-        )
+        stats = stats_info(self.index, self.counters, msg.workers_alive, msg.connections, time.time() - self.started)
         self._reply(msg.reply_to, StatsReply(id=msg.request_id, stats=stats))
 
     def _on_fill_workers(self, msg: FillWorkers) -> None:
-        by_worker = self.index.by_worker
-        workers = [
-            w.__class__(**{**_fields(w), "running": sorted(by_worker.get(w.worker_id, ()))}) for w in msg.workers
-        ]
+        workers = with_running(msg.workers, self.index.by_worker)
         self._reply(msg.reply_to, WorkerList(id=msg.request_id, workers=workers))
 
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
@@ -454,17 +390,14 @@ class QueueActor(pykka.ThreadingActor):
             self.wal.delete_segments_before(msg.wal_segment)
 
     def _on_connection_closed(self, msg: ConnectionClosed) -> None:
-        urn = msg.reply_to.actor_urn
-        for waiter in self.waiting:
-            if waiter.reply_to.actor_urn == urn:
-                waiter.done = True
+        self.waiters.withdraw(msg.reply_to.actor_urn)
 
     def _on_history_written(self, msg: HistoryWritten) -> None:
         self.history.written(msg)
 
     def _on_shutdown(self, _msg: Shutdown) -> None:
         self.shutting_down = True
-        self._expire_waiters(time.time(), everyone=True)
+        self.waiters.expire(time.time(), everyone=True)
         self.history.flush_due(float("inf"))
 
     # ------------------------------------------------------------ applying changes, replying
@@ -476,7 +409,7 @@ class QueueActor(pykka.ThreadingActor):
         if finished is None:
             self.index.enter(task)
             if task.state == TaskState.PENDING:
-                self._serve_waiters(task.queue, time.time())
+                self.waiters.serve(task.queue, time.time())
         else:
             self._finished(finished, record)  # type: ignore[arg-type]
         if getattr(record, "retried", False):
@@ -512,12 +445,12 @@ class QueueActor(pykka.ThreadingActor):
                 self.wal.append(records)
             except Exception as exc:  # WalError: refuse the acknowledgements, keep answering reads
                 log.error("WAL append failed: %s", getattr(exc, "message", exc))
-                outbox = {k: (ref, [_refuse(m, exc) for m in msgs]) for k, (ref, msgs) in outbox.items()}
-                _send(outbox)
+                outbox = {k: (ref, [refuse(m, exc) for m in msgs]) for k, (ref, msgs) in outbox.items()}
+                send_outbox(outbox)
                 return
-            self.wal.after_durable(lambda: _send(outbox))
+            self.wal.after_durable(lambda: send_outbox(outbox))
             return
-        _send(outbox)
+        send_outbox(outbox)
 
     _request_handlers: dict[type, Any] = {
         Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,
@@ -529,33 +462,3 @@ class QueueActor(pykka.ThreadingActor):
         Shutdown: _on_shutdown, HistoryWritten: _on_history_written, ConnectionClosed: _on_connection_closed,
         PrepareSnapshot: _on_prepare_snapshot, SnapshotTaken: _on_snapshot_taken,
     }
-
-
-def _fields(struct: Any) -> dict[str, Any]:
-    return {name: getattr(struct, name) for name in struct.__struct_fields__}
-
-
-def _finished_answer(request_id: int, task: Task, code: str | None, message: str) -> Message:
-    if code is None:
-        return TaskStatus(id=request_id, task=task_info(task))
-    return Error(id=request_id, code=code, message=message)
-
-
-def writable_error(wal: Any) -> str:
-    error = getattr(wal, "last_error", None)
-    return getattr(error, "message", None) or "the write-ahead log cannot be written; see the broker log"
-
-
-def _refuse(message: Message, exc: Exception) -> Message:
-    """An acknowledgement whose change did not reach the WAL becomes INTERNAL; reads pass unchanged."""
-    if isinstance(message, _ACKS) and not (isinstance(message, Assigned) and not message.tasks):
-        return Error(id=message.id, code=ErrorCode.INTERNAL, message=getattr(exc, "message", str(exc)))
-    return message
-
-
-def _send(outbox: dict[str, tuple[Any, list[Message]]]) -> None:
-    for reply_to, messages in outbox.values():
-        try:
-            reply_to.tell(Replies(messages))
-        except pykka.ActorDeadError:  # the connection closed meanwhile; its leases will expire
-            pass

@@ -1,18 +1,16 @@
 """The write-ahead log: every state change is appended here before the broker acknowledges it.
 
-Layout: `DATA_DIR/wal/wal-0000000001.log`, `wal-0000000002.log`, ... Each segment starts with a header
-(`b"TQWAL"`, format version u16 big-endian, segment number u64) followed by records
-`u32 length | u32 crc32(payload) | payload`, payload = msgpack of a `storage.model.WalRecord`.
+The on-disk layout (segments, header, `length | crc32 | msgpack` records) is in `storage.wal_format`;
+replaying it at start-up is `storage.wal_reader.read_segments`, re-exported here. This module is the
+appending side.
 
 Why segments: a snapshot covers everything below some segment number, so retention is "delete the
-files below it" instead of rewriting a file. Why a CRC per record: a `kill -9` or power cut in the
-middle of a write leaves a torn tail; recovery must tell a torn tail (cut it, nothing acknowledged is
-lost) from damage in the middle (stop and tell the operator). A segment is never appended to after
-the process that created it has moved on, so a repaired (truncated) tail stays the end of its file.
+files below it" instead of rewriting a file. A segment is never appended to after the process that
+created it has moved on, so a tail the reader repairs (truncates) stays the end of its file.
 
 The appending side runs in the queue actor's greenlet: `append` is a plain `os.write` (fast, no
 fsync); fsync runs in a real OS thread (gevent's ThreadPool) from a syncer greenlet, so the hub never
-waits on the disk. Reading (`read_segments`) runs once, at start-up.
+waits on the disk.
 """
 
 from __future__ import annotations
@@ -21,11 +19,9 @@ import contextlib
 import errno
 import logging
 import os
-import re
-import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -35,58 +31,35 @@ import gevent.threadpool
 import msgspec
 
 from storage.model import WalRecord
+from storage.wal_format import (
+    FORMAT_VERSION,
+    HEADER_V1,
+    MAGIC,
+    RECORD_HEAD,
+    WAL_DIRNAME,
+    WalCorruptError,
+    WalError,
+    list_segments,
+    segment_path,
+    wal_directory,
+)
+from storage.wal_reader import read_segments
+
+__all__ = [
+    "DEFAULT_SEGMENT_BYTES", "FORMAT_VERSION", "MAGIC", "WAL_DIRNAME", "FsyncMode", "WalCorruptError", "WalError",
+    "WriteAheadLog", "list_segments", "read_segments", "segment_path", "wal_directory",
+]
 
 log = logging.getLogger("tqbroker.wal")
 
-WAL_DIRNAME = "wal"
-MAGIC = b"TQWAL"
-FORMAT_VERSION = 1
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
-_PREFIX = struct.Struct(">5sH")  # magic + version: the part every format version shares
-_HEADER_V1 = struct.Struct(">5sHQ")  # magic + version + segment number
-_RECORD_HEAD = struct.Struct(">II")  # payload length, crc32(payload)
-_RECORD_PLACEHOLDER = bytes(_RECORD_HEAD.size)
+_RECORD_PLACEHOLDER = bytes(RECORD_HEAD.size)
 _PROBE_BLOCK = bytes(4096)
-_SEGMENT_NAME = re.compile(r"^wal-(\d{10})\.log$")
-_DECODER = msgspec.msgpack.Decoder(WalRecord)
 
 FsyncMode = Literal["interval", "always"]
 R = TypeVar("R")
-ErrorCallback = Callable[["WalError"], None]
-
-
-class WalError(Exception):
-    """A WAL failure; `.message` is one line a user can act on (it goes into ERROR{INTERNAL})."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class WalCorruptError(WalError):
-    """Damage that recovery must not silently skip: acknowledged changes may sit behind it."""
-
-
-def wal_directory(data_dir: str | Path) -> Path:
-    """Where the segments of a data dir live."""
-    return Path(data_dir) / WAL_DIRNAME
-
-
-def segment_path(directory: str | Path, number: int) -> Path:
-    return Path(directory) / f"wal-{number:010d}.log"
-
-
-def list_segments(directory: str | Path) -> list[tuple[int, Path]]:
-    """(number, path) of every segment file in `directory`, ascending; empty if it does not exist."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise WalError(f"cannot list WAL directory {directory}: {exc.strerror or exc}") from None
-    found = [(int(m.group(1)), Path(directory) / name) for name in names if (m := _SEGMENT_NAME.match(name))]
-    return sorted(found)
+ErrorCallback = Callable[[WalError], None]
 
 
 def _os_error_message(path: Path | str, exc: OSError) -> str:
@@ -189,14 +162,14 @@ class WriteAheadLog:
         except OSError as exc:
             raise self._mark_failed(WalError(_os_error_message(path, exc))) from exc
         try:
-            self._write_all(fd, _HEADER_V1.pack(MAGIC, FORMAT_VERSION, number))
+            self._write_all(fd, HEADER_V1.pack(MAGIC, FORMAT_VERSION, number))
         except OSError as exc:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise self._mark_failed(WalError(_os_error_message(path, exc))) from exc
         if self._fd >= 0:
             self._retired.append((self._fd, self._path))
-        self._fd, self._path, self._size = fd, path, _HEADER_V1.size
+        self._fd, self._path, self._size = fd, path, HEADER_V1.size
         self.current_segment = number
         self._torn = False
         self._dirty = self._dir_dirty = True
@@ -213,12 +186,12 @@ class WriteAheadLog:
             self._open_segment(self.current_segment + 1)
         buffer = self._buffer
         buffer.clear()
-        encode_into, pack_into, crc32 = self._encoder.encode_into, _RECORD_HEAD.pack_into, zlib.crc32
+        encode_into, pack_into, crc32 = self._encoder.encode_into, RECORD_HEAD.pack_into, zlib.crc32
         for record in records:
             start = len(buffer)
             buffer += _RECORD_PLACEHOLDER
             encode_into(record, buffer, -1)
-            body = start + _RECORD_HEAD.size
+            body = start + RECORD_HEAD.size
             pack_into(buffer, start, len(buffer) - body, crc32(memoryview(buffer)[body:]))
         before = self._size
         try:
@@ -428,127 +401,3 @@ def _unlink_all(paths: list[Path]) -> int:
         except OSError as exc:
             log.warning("cannot delete old WAL segment %s: %s", path, exc.strerror or exc)
     return deleted
-
-
-# ---------------------------------------------------------------------- reading (recovery)
-
-_Parsed = tuple[list[WalRecord], int, str | None]  # records, end of the last good one, damage found
-
-
-def _read_v1(data: bytes, number: int, path: Path) -> _Parsed:
-    """Format version 1: header with the segment number, then length|crc|msgpack records."""
-    if len(data) < _HEADER_V1.size:
-        return [], 0, "short segment header"
-    header_number = _HEADER_V1.unpack_from(data)[2]
-    if header_number != number:
-        raise WalCorruptError(f"WAL segment {path} says it is segment {header_number}; was it renamed?")
-    records: list[WalRecord] = []
-    view, end, offset = memoryview(data), len(data), _HEADER_V1.size
-    decode, unpack, crc32 = _DECODER.decode, _RECORD_HEAD.unpack_from, zlib.crc32
-    while offset < end:
-        if end - offset < _RECORD_HEAD.size:
-            return records, offset, "short record header"
-        length, crc = unpack(data, offset)
-        body = offset + _RECORD_HEAD.size
-        if body + length > end:
-            return records, offset, "short record"
-        payload = view[body : body + length]
-        if crc32(payload) != crc:
-            return records, offset, "checksum mismatch"
-        try:
-            records.append(decode(payload))
-        except msgspec.DecodeError:
-            return records, offset, "undecodable record"
-        offset = body + length
-        if len(records) % 4096 == 0:
-            gevent.sleep(0)  # a long replay must not starve the health endpoints
-    return records, offset, None
-
-
-# Every format version ever written keeps its reader here, so a newer broker reads older segments.
-_READERS: dict[int, Callable[[bytes, int, Path], _Parsed]] = {1: _read_v1}
-
-
-def read_segments(directory: str | Path, from_segment: int) -> Iterator[WalRecord]:
-    """Yields the records of segments numbered >= `from_segment` (< 1: all of them), in order.
-
-    A torn or damaged tail of the LAST segment is cut off (the file is truncated there, with a
-    warning): that is what a crash mid-write leaves. The same damage in an earlier segment, a gap in
-    the numbering or an unknown format raises WalCorruptError, since later segments were written
-    after it and skipping would silently lose acknowledged changes.
-    """
-    segments = [(n, p) for n, p in list_segments(directory) if n >= from_segment]
-    _check_sequence(Path(directory), segments, from_segment)
-    for index, (number, path) in enumerate(segments):
-        yield from _read_segment(number, path, last=index == len(segments) - 1)
-
-
-def _check_sequence(directory: Path, segments: list[tuple[int, Path]], from_segment: int) -> None:
-    if not segments:
-        return
-    expected = from_segment if from_segment >= 1 else segments[0][0]
-    for number, _ in segments:
-        if number != expected:
-            missing = segment_path(directory, expected)
-            raise WalCorruptError(
-                f"WAL segment {missing} is missing (replay needs segments {expected}..{number - 1}); "
-                "changes in it are lost. Move the WAL files from "
-                f"{number} on aside to start from the snapshot alone"
-            )
-        expected += 1
-
-
-def _read_segment(number: int, path: Path, *, last: bool) -> list[WalRecord]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise WalCorruptError(f"cannot read WAL segment {path}: {exc.strerror or exc}") from exc
-    reader = _reader_for(data, path)
-    records, good_end, damage = reader(data, number, path) if reader else ([], 0, "short segment header")
-    if damage is None:
-        return records
-    if not last:
-        raise WalCorruptError(
-            f"WAL segment {path} is damaged at byte {good_end} ({damage}) and is not the newest "
-            f"segment. Move the file aside to start without it; changes after byte {good_end} in it "
-            "and in later segments may be lost"
-        )
-    _cut_tail(path, number, good_end, damage, len(data))
-    return records
-
-
-def _reader_for(data: bytes, path: Path) -> Callable[[bytes, int, Path], _Parsed] | None:
-    """The reader for the segment's version, or None for a torn header (a crash right after create)."""
-    if len(data) < _PREFIX.size:
-        if MAGIC.startswith(data[: len(MAGIC)]):
-            return None
-        raise WalCorruptError(f"{path} is not a WAL segment (bad magic bytes)")
-    magic, version = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise WalCorruptError(f"{path} is not a WAL segment (bad magic bytes)")
-    reader = _READERS.get(version)
-    if reader is None:
-        raise WalCorruptError(
-            f"WAL segment {path} has format version {version}, which this broker cannot read "
-            f"(it reads {sorted(_READERS)}); run a newer broker"
-        )
-    return reader
-
-
-def _cut_tail(path: Path, number: int, good_end: int, damage: str, size: int) -> None:
-    """Truncates a torn tail (rewriting a torn header) so the file ends at its last good record."""
-    log.warning(
-        "WAL segment %s: %s at byte %d; cutting the last %d bytes (an unfinished write from a crash)",
-        path, damage, good_end, size - good_end,
-    )
-    try:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.ftruncate(fd, good_end)
-            if good_end == 0:
-                os.write(fd, _HEADER_V1.pack(MAGIC, FORMAT_VERSION, number))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise WalError(f"cannot repair WAL segment {path}: {exc.strerror or exc}") from exc

@@ -1,25 +1,18 @@
 """The Python client of protocol v1: producers, workers, the CLI and the load tests all talk through it.
 
-One TCP (optionally TLS) connection carries many requests at once: each request gets a u32 id, is
-written with one `sendall` under a write lock, and parks a `PendingReply` in a dict keyed by that id. A
-single background reader decodes every reply and resolves the slot with the same id, so replies may come
-back in any order (a waiting CLAIM does not hold up a STATS sent after it). The reader is a plain
-`threading.Thread`: unpatched it is an OS thread, under gevent monkey patching the same code becomes a
-greenlet, which is why this module never imports gevent and looks `threading`/`socket` names up at call
-time.
+One TCP (optionally TLS) connection carries many requests at once (pipelining): the numbered requests,
+their pending replies and the background reader that resolves them live in `transport.connection`; TLS
+runs over memory BIOs in `transport.tls`. This module dials, numbers requests and types their replies.
+Like those two, it never imports gevent, so the same code runs on OS threads or, monkey patched, on
+greenlets.
 
 Nothing here redials by itself: once the connection drops every pending and later request raises
 `ConnectionLost`, because only the caller knows whether a request may be sent twice (SUBMIT is not
 idempotent). `reconnect()` dials again.
-
-TLS runs over memory BIOs (`_TlsSocket`) rather than `ssl.SSLSocket`, because the reader and the writers
-would otherwise call SSL_read and SSL_write on one SSL object at the same time, which OpenSSL does not
-support (it showed up as a HELLO that never got its WELCOME).
 """
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import itertools
 import socket
@@ -34,6 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from transport import messages as m
+from transport.connection import RECV_BYTES, Connection, PendingReply, error_reason
 from transport.errors import (
     BrokerError,
     BrokerUnreachable,
@@ -41,17 +35,17 @@ from transport.errors import (
     ConnectionLost,
     ProtocolError,
     RequestTimeout,
-    error_from_reply,
 )
-from transport.frames import FrameError, FrameReader, decode_response, encode_frame, encode_frames
+from transport.frames import encode_frame, encode_frames
+from transport.tls import TlsSocket
+
+__all__ = ["MAX_REPLY_FRAME_BYTES", "PROTOCOL_VERSION", "RECV_BYTES", "Client", "PendingReply"]
 
 PROTOCOL_VERSION = 1
-RECV_BYTES = 256 * 1024
 # Replies (QUERY rows, WORKER_LIST) are bounded by the broker, not by its request limit; this only stops
 # a corrupt length prefix from making the client buffer gigabytes.
 MAX_REPLY_FRAME_BYTES = 256 * 1024 * 1024
 _ID_SPAN = 0xFFFF_FFFF  # ids run 1..0xFFFF_FFFF; 0 is reserved for ERRORs that answer no request
-_ERROR_TYPE = m.Error.type_byte
 
 M = TypeVar("M", bound=m.Message)
 ReplyError = BrokerError | ClientError | RequestTimeout
@@ -60,247 +54,6 @@ ReplyError = BrokerError | ClientError | RequestTimeout
 def _wait_s(msg: m.Message) -> float:
     """Extra seconds a reply may legitimately take: a CLAIM is answered only when `wait_ms` runs out."""
     return msg.wait_ms / 1000 if type(msg) is m.Claim else 0.0
-
-
-class PendingReply:
-    """The slot one in-flight request waits on; resolved exactly once by the reader (or a failure).
-
-    A pre-acquired lock is the waiter: cheaper than an Event (no Condition), and under gevent patching
-    it is gevent's lock, so waiting yields to the reader greenlet.
-    """
-
-    __slots__ = ("id", "_conn", "_deadline", "_lock", "_reply", "_error", "_done")
-
-    def __init__(self, request_id: int, conn: _Connection, deadline: float) -> None:
-        self.id = request_id
-        self._conn = conn
-        self._deadline = deadline
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        self._reply: m.Message | None = None
-        self._error: BaseException | None = None
-        self._done = False
-
-    def done(self) -> bool:
-        """Whether `get()` would return at once."""
-        return self._done
-
-    def get(self, timeout: float | None = None) -> m.Message:
-        """The reply, or raise its mapped exception. `timeout=None` waits until the deadline set when
-        the request was sent (client timeout, plus `wait_ms` for a CLAIM)."""
-        if not self._done:
-            wait = self._deadline - time.monotonic() if timeout is None else timeout
-            if not self._lock.acquire(True, max(wait, 0.0)):
-                if self._conn.pending.pop(self.id, None) is not None:
-                    self._error = RequestTimeout(f"no reply to request {self.id} within the timeout")
-                    self._done = True
-                    raise self._error
-                self._lock.acquire()  # the reader already took the slot: its resolve is imminent
-            self._lock.release()  # let any other waiter on the same reply through
-        if self._error is not None:
-            raise self._error
-        return self._reply  # type: ignore[return-value]
-
-    def _resolve(self, reply: m.Message) -> None:
-        self._reply = reply
-        self._done = True
-        self._lock.release()
-
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
-        self._done = True
-        self._lock.release()
-
-
-class _Connection:
-    """One dialed socket with its reader and pending replies. `reconnect()` makes a fresh one, so a stale
-    reader can never resolve or kill the requests of the next connection."""
-
-    def __init__(self, sock: socket.socket, address: str, max_frame_bytes: int) -> None:
-        self.sock = sock
-        self.address = address
-        self.max_frame_bytes = max_frame_bytes
-        self.pending: dict[int, PendingReply] = {}
-        self.dead: str | None = None  # why the connection is unusable, once it is
-        self.deferred: BrokerError | None = None  # an id-0 ERROR that found nothing pending
-        self.id0_error: BrokerError | None = None  # the last id-0 ERROR: why the broker then hangs up
-        self.wlock = threading.Lock()
-        self._lost_lock = threading.Lock()
-        self.reader = threading.Thread(target=self._read_loop, name=f"tqbroker-reader-{address}", daemon=True)
-        self.reader.start()
-
-    def send(self, replies: Sequence[PendingReply], data: bytes) -> None:
-        """Register `replies` and write `data` (their frames) with one sendall.
-
-        Never raises: if the connection is or goes dead, `lost()` fails the just-registered replies too
-        (with the id-0 ERROR that killed it, if any), so their `get()` raises the right exception.
-        """
-        pending = self.pending
-        for reply in replies:
-            pending[reply.id] = reply
-        reason = self.dead
-        if reason is None:
-            try:
-                with self.wlock:
-                    self.sock.sendall(data)
-                return
-            except (OSError, ValueError) as exc:  # a partial frame leaves the stream unusable
-                reason = f"send to {self.address} failed: {_reason(exc)}"
-        self.lost(reason)
-
-    def lost(self, reason: str) -> None:
-        """Mark the connection dead and fail everything pending. Idempotent; any thread may call it."""
-        if self.id0_error is not None:  # whatever the socket said, this is why the broker hung up
-            reason = f"connection closed by broker after {self.id0_error} ({reason})"
-        with self._lost_lock:
-            first = self.dead is None
-            if first:
-                self.dead = reason
-        if first:
-            try:  # wakes the reader and any writer; the reader closes the fd so it cannot be reused early
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass
-        drained = self._drain()
-        deferred = self.deferred
-        if drained and deferred is not None:  # the id-0 ERROR that closed us is the news for these
-            self.deferred = None
-        for reply in drained:
-            reply._fail(copy.copy(deferred) if deferred is not None else ConnectionLost(self.dead or reason))
-
-    def _drain(self) -> list[PendingReply]:
-        """Take every pending slot; popitem is atomic, so a concurrent drain never fails one twice."""
-        drained: list[PendingReply] = []
-        while True:
-            try:
-                drained.append(self.pending.popitem()[1])
-            except KeyError:
-                return drained
-
-    def _fail_all(self, error: BrokerError) -> None:
-        """An ERROR with id 0 answers no request, so it is news for every request in flight (or, with
-        none in flight, for the next request made)."""
-        self.id0_error = error
-        drained = self._drain()
-        for reply in drained:
-            reply._fail(copy.copy(error))
-        if not drained:
-            self.deferred = error
-
-    def _dispatch(self, frames: list[tuple[int, bytes]]) -> None:
-        pending = self.pending
-        for type_byte, payload in frames:
-            reply = decode_response(type_byte, payload)
-            if type_byte == _ERROR_TYPE:
-                if reply.id == 0:
-                    self._fail_all(error_from_reply(reply))  # type: ignore[arg-type]
-                    continue
-                slot = pending.pop(reply.id, None)
-                if slot is not None:
-                    slot._fail(error_from_reply(reply))  # type: ignore[arg-type]
-            else:
-                slot = pending.pop(reply.id, None)  # None: a late reply to a timed-out request
-                if slot is not None:
-                    slot._resolve(reply)
-
-    def _read_loop(self) -> None:
-        reason = "connection closed by broker"
-        sock = self.sock
-        feed = FrameReader(self.max_frame_bytes).feed
-        try:
-            while True:
-                try:
-                    data = sock.recv(RECV_BYTES)
-                except TimeoutError:  # the socket timeout bounds sendall; an idle read is fine
-                    if self.dead is not None:
-                        return
-                    continue
-                if not data:
-                    break
-                self._dispatch(feed(data))
-        except FrameError as exc:
-            reason = f"broker sent a bad frame: {exc.message}"
-            try:
-                self._dispatch(getattr(exc, "frames", []))
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                pass
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            reason = f"broker sent an undecodable reply: {exc}"
-        except (OSError, ValueError) as exc:
-            reason = f"connection to {self.address} failed: {exc}"
-        finally:
-            self.lost(reason)
-            with self.wlock:
-                sock.close()
-
-
-class _TlsSocket:
-    """TLS over a plain socket through `ssl.SSLObject` and memory BIOs.
-
-    The socket I/O stays plain (full duplex: the reader's recv and the writers' sendall may overlap) and
-    only the in-memory encrypt/decrypt steps touch the SSL object, under a lock, never blocking. Writers
-    are already serialised by the connection's write lock; `_send_lock` additionally orders the reader's
-    rare own records (a TLS 1.3 KeyUpdate answer) with theirs.
-    """
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str | None) -> None:
-        self._sock = sock
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._in, self._out, server_hostname=server_hostname)
-        self._tls_lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        while True:  # the handshake, before the reader exists: no locking needed yet
-            try:
-                self._tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._sock.sendall(self._out.read())
-                data = self._sock.recv(RECV_BYTES)
-                if not data:
-                    raise ConnectionResetError("connection closed during the TLS handshake") from None
-                self._in.write(data)
-        self._sock.sendall(self._out.read())
-
-    def sendall(self, data: bytes) -> None:
-        with self._send_lock:
-            with self._tls_lock:
-                self._tls.write(data)  # a memory BIO never says "would block": all of it is encrypted
-                out = self._out.read()
-            self._sock.sendall(out)
-
-    def recv(self, size: int) -> bytes:
-        while True:
-            with self._tls_lock:
-                try:
-                    return self._tls.read(size)
-                except ssl.SSLZeroReturnError:  # close_notify
-                    return b""
-                except ssl.SSLWantReadError:
-                    pass
-                reply = self._out.pending
-            if reply and self._send_lock.acquire(False):  # else a writer is mid-send; flush next time
-                try:
-                    with self._tls_lock:
-                        out = self._out.read()
-                    self._sock.sendall(out)
-                finally:
-                    self._send_lock.release()
-            data = self._sock.recv(size)
-            if not data:
-                return b""
-            with self._tls_lock:
-                self._in.write(data)
-
-    def shutdown(self, how: int) -> None:
-        self._sock.shutdown(how)
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-def _reason(exc: BaseException) -> str:
-    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
 
 
 def _is_ip(host: str) -> bool:
@@ -328,7 +81,7 @@ class Client:
         self.ca_file = ca_file
         self.max_frame_bytes = max_frame_bytes
         self.welcome: m.Welcome | None = None
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self._ids = itertools.count(0)
         if connect:
             self.connect()
@@ -350,7 +103,7 @@ class Client:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
-            raise BrokerUnreachable(f"broker not reachable at {self.address}: {_reason(exc)}") from exc
+            raise BrokerUnreachable(f"broker not reachable at {self.address}: {error_reason(exc)}") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls:
@@ -358,11 +111,11 @@ class Client:
                 ip = _is_ip(self.host)
                 if ip:  # certificates name hosts; an IP still gets its chain verified
                     context.check_hostname = False
-                sock = _TlsSocket(sock, context, None if ip else self.host)  # type: ignore[assignment]
+                sock = TlsSocket(sock, context, None if ip else self.host)  # type: ignore[assignment]
         except OSError as exc:
             sock.close()
-            raise BrokerUnreachable(f"broker not reachable at {self.address}: TLS: {_reason(exc)}") from exc
-        conn = _Connection(sock, self.address, self.max_frame_bytes)
+            raise BrokerUnreachable(f"broker not reachable at {self.address}: TLS: {error_reason(exc)}") from exc
+        conn = Connection(sock, self.address, self.max_frame_bytes)
         weakref.finalize(self, conn.lost, "client was garbage-collected")
         self._conn = conn
         try:
@@ -401,7 +154,7 @@ class Client:
 
     # ------------------------------------------------------------ low-level API
 
-    def _live(self) -> _Connection:
+    def _live(self) -> Connection:
         conn = self._conn
         if conn is None:
             raise ConnectionLost(f"not connected to {self.address}")
