@@ -43,7 +43,7 @@ from transport.messages import (
 
 log = logging.getLogger("tqbroker.connection")
 
-RECV_BYTES = 256 * 1024
+RECV_BYTES = 64 * 1024  # under glibc's mmap threshold, so a read costs no mmap+munmap
 MAX_IN_FLIGHT = 20_000  # requests routed but not yet answered; the reader pauses above this
 _QUEUE_REQUESTS = (Submit, SubmitBatch, Claim, Result, Status, Cancel)
 _REGISTRY_REQUESTS = (Register, Deregister, Heartbeat, Stats, Workers)

@@ -25,7 +25,7 @@ from transport import messages as m
 from transport.errors import BrokerError, ConnectionLost, RequestTimeout, error_from_reply
 from transport.frames import FrameError, FrameReader, decode_response
 
-RECV_BYTES = 256 * 1024
+RECV_BYTES = 64 * 1024  # under glibc's mmap threshold: a larger recv buffer costs an mmap+munmap per read
 _ERROR_TYPE = m.Error.type_byte
 
 
