@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, BrokerProcess, free_port
+from helpers import wait_for
 
 from loadtest.crash_harness import Ledger, LoadRound, verify
 from storage.wal import list_segments, wal_directory
@@ -42,15 +43,6 @@ NO_DEAD_WORKERS = {"TQ_WORKER__HEARTBEAT_INTERVAL_SECS": "3600"}
 DB_FILE = "tqbroker.duckdb"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Polls `predicate` until it returns something truthy (returned), or fails at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(interval)
 
 
 def one(tasks: list[m.Assignment]) -> m.Assignment:

@@ -18,13 +18,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 from conftest import ROOT, BrokerProcess
+from helpers import wait_for
 
 from transport import messages as m
 from transport.client import Client
@@ -48,15 +49,6 @@ STATS, HELLO = 0x09, 0x01
 # ---------------------------------------------------------------- helpers
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    """Polls `predicate` until it returns something truthy (returned), or fails the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(interval)
 
 
 def frame(type_byte: int, **fields: Any) -> bytes:

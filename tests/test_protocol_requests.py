@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import BrokerProcess
+from helpers import wait_for
 
 from transport import messages as m
 from transport.client import Client
@@ -59,15 +60,6 @@ def spec(kind: str = "req.test", **fields: Any) -> m.TaskSpec:
     return m.TaskSpec(kind=kind, **fields)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    """Polls `predicate` until it returns something truthy (returned), or fails the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(interval)
 
 
 def claim_one(client: Client, worker: str, queue: str, **kwargs: Any) -> m.Assignment:

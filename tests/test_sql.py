@@ -18,11 +18,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from conftest import ROOT, BrokerProcess, free_port
+from helpers import wait_for
 
 from transport import messages as m
 from transport.client import Client
@@ -47,15 +47,6 @@ WRITES = [
 ]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Polls `predicate` until it returns something truthy (returned), or fails at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(interval)
 
 
 def finish_tasks(client: Client, queue: str) -> dict[str, tuple[str, bytes | None, str | None]]:
