@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pykka
 
 from actors.envelopes import Replies
@@ -42,13 +43,9 @@ def task_info(task: Task) -> TaskInfo:
     )
 
 
-def _fields(struct: Any) -> dict[str, Any]:
-    return {name: getattr(struct, name) for name in struct.__struct_fields__}
-
-
 def with_running(workers: list[WorkerInfo], by_worker: dict[str, set[str]]) -> list[WorkerInfo]:
     """The registry's worker list, each with the ids of the tasks it runs (only the queue actor knows)."""
-    return [w.__class__(**{**_fields(w), "running": sorted(by_worker.get(w.worker_id, ()))}) for w in workers]
+    return [msgspec.structs.replace(w, running=sorted(by_worker.get(w.worker_id, ()))) for w in workers]
 
 
 def stats_info(idx: TaskIndex, c: Counters, workers_alive: int, connections: int, uptime_s: float) -> StatsInfo:
