@@ -19,7 +19,7 @@ from typing import Any
 import pykka
 from gevent.pywsgi import WSGIServer
 
-from actors.compactor import CompactorActor
+from actors.compactor import CompactorActor, TakeSnapshot
 from actors.connection import serve_connection
 from actors.context import ApiKeys, BrokerContext
 from actors.envelopes import Shutdown
@@ -39,6 +39,7 @@ from transport.server import ListenError, TcpServer
 log = logging.getLogger("tqbroker")
 
 DB_FILE = "tqbroker.duckdb"
+REPLAY_SNAPSHOT_THRESHOLD = 10_000  # WAL records replayed at start-up that call for a snapshot at once
 FINAL_SNAPSHOT_TIMEOUT_S = 3.0  # past this the stop goes on: the WAL still holds everything
 
 
@@ -127,6 +128,8 @@ class BrokerSystem:
         self.registry.tell(UseQueue(self.queue))
         self.lease_watcher = LeaseWatcherActor.start(self.queue, s.broker.lease_check_interval_secs)
         self.compactor = CompactorActor.start(self.queue, snapshots, self.history, p)
+        if state.replayed_records >= REPLAY_SNAPSHOT_THRESHOLD:  # a crash loop must not grow the WAL forever
+            self.compactor.tell(TakeSnapshot())
         ctx.queue, ctx.registry = self.queue, self.registry
         self.server.serve()
         server = self.server
