@@ -49,7 +49,7 @@ from actors.task_index import TaskIndex
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
-from storage.model import Counters, LeasesRenewed, Task, TaskFinished, TaskState, WalRecord, apply_record
+from storage.model import Counters, LeasesRenewed, Task, TaskState, WalRecord, apply_record
 from transport.messages import (
     Assigned,
     Assignment,
@@ -406,17 +406,17 @@ class QueueActor(pykka.ThreadingActor):
         """Applies one state-machine record to the task and the indexes, and queues it for the WAL."""
         self.index.leave(task)
         finished = apply_record(record, self.index.tasks, self.counters)
-        if finished is None:
-            self.index.enter(task)
-            if task.state == TaskState.PENDING:
-                self.waiters.serve(task.queue, time.time())
-        else:
-            self._finished(finished, record)  # type: ignore[arg-type]
+        self._records.append(record)  # before any claim it triggers: replay must see the same order
         if getattr(record, "retried", False):
             self.metrics.retried.inc()
-        self._records.append(record)
+        if finished is not None:
+            self._finished(finished)
+            return
+        self.index.enter(task)
+        if task.state == TaskState.PENDING:
+            self.waiters.serve(task.queue, time.time())
 
-    def _finished(self, task: Task, record: TaskFinished) -> None:
+    def _finished(self, task: Task) -> None:
         self.index.forget(task)
         self.metrics.count_finished(task.queue, task.state)
         self.recent[task.task_id] = task

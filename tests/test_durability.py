@@ -33,6 +33,7 @@ from storage.wal import list_segments, wal_directory
 from transport import messages as m
 from transport.client import Client
 from transport.errors import InternalError, NotFound
+from transport.messages import Claim
 
 FAST_STORAGE = {
     "TQ_PERSISTENCE__SNAPSHOT_INTERVAL_SECS": "0.5",
@@ -544,3 +545,18 @@ def test_a_wal_directory_that_cannot_be_created_stops_the_start_with_one_line_na
     line = failed_start(data_dir)
     assert str(data_dir / "wal") in line, line
 
+
+
+def test_a_scheduled_task_handed_to_a_waiting_claim_is_still_running_after_a_sigkill(make_broker: Any) -> None:
+    """The promotion and the claim it triggers reach the WAL in the order they happened."""
+    broker = make_broker()
+    worker, producer = broker.client(), broker.client()
+    waiting = worker.send_async(Claim(id=0, worker_id="w-promoted", queues=["promoted"], max_tasks=1,
+                                      wait_ms=10_000))
+    task_id = producer.submit("later", b"p", queue="promoted", run_at=time.time() + 0.3).task_id
+    [assignment] = waiting.get(timeout=10).tasks
+    assert assignment.task_id == task_id
+    broker.kill()
+    broker.restart()
+    info = broker.client().status(task_id)
+    assert (info.state, info.worker_id, info.attempts) == ("running", "w-promoted", 1)
