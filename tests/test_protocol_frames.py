@@ -6,11 +6,9 @@ here is built by hand (`struct` + MessagePack), so nothing relies on the Python 
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,9 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import BrokerProcess
+from helpers import RawConn as SharedRawConn
 
-from transport.frames import FrameReader, decode_response
+from transport.frames import decode_response
 
 HEADER = struct.Struct(">IB")
 ERROR = 0x7F
@@ -41,32 +40,11 @@ def request(type_byte: int, **fields: Any) -> bytes:
     return frame(type_byte, pack(fields))
 
 
-class RawConn:
-    """A hand-driven protocol connection: send bytes, read whole frames back as raw maps."""
-
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = FrameReader(1 << 28)
-        self.frames: deque[tuple[int, bytes]] = deque()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+class RawConn(SharedRawConn):
+    """The shared raw connection, checking every reply is a map and a well-formed response of its type."""
 
     def recv_frame(self, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
-        """The next frame as (type byte, payload map); fails the test if none comes in `timeout`."""
-        deadline = time.monotonic() + timeout
-        while not self.frames:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, "no frame from the broker within the timeout"
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            assert data, "the broker closed the connection instead of answering"
-            self.frames.extend(self.reader.feed(data))
-        type_byte, payload = self.frames.popleft()
+        type_byte, payload = self.recv_raw(timeout)
         body = msgspec.msgpack.decode(payload)
         assert isinstance(body, dict), f"response payload is not a map: {body!r}"
         decode_response(type_byte, payload)  # also a well-formed response of its type

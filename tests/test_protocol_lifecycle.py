@@ -25,12 +25,11 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import ROOT, BrokerProcess
-from helpers import wait_for
+from helpers import RawConn, wait_for
 
 from transport import messages as m
 from transport.client import Client
 from transport.errors import BadRequest, InvalidState, NotLeased, QueueFull, TooManyConnections, Unauthorized
-from transport.frames import FrameReader
 
 HEARTBEAT_S = 1.0
 BACKOFF_BASE_MS = 100
@@ -54,55 +53,6 @@ STATS, HELLO = 0x09, 0x01
 def frame(type_byte: int, **fields: Any) -> bytes:
     payload = msgspec.msgpack.encode(fields)
     return HEADER.pack(len(payload) + 1, type_byte) + payload
-
-
-class RawConn:
-    """A hand-driven connection, for replies a Client would hide (id-0 errors, the broker hanging up)."""
-
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=5.0)
-        self.reader = FrameReader(1 << 24)
-        self.frames: list[tuple[int, bytes]] = []
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def recv_frame(self, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while not self.frames:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, "no frame from the broker within the timeout"
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            assert data, "the broker closed the connection without a reply"
-            self.frames.extend(self.reader.feed(data))
-        type_byte, payload = self.frames.pop(0)
-        return type_byte, msgspec.msgpack.decode(payload)
-
-    def wait_closed(self, timeout: float) -> float | None:
-        """Seconds until the broker closes the connection, or None if it is still open after `timeout`."""
-        started = time.monotonic()
-        deadline = started + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                return None
-            except ConnectionResetError:
-                return time.monotonic() - started
-            if not data:
-                return time.monotonic() - started
-            self.frames.extend(self.reader.feed(data))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def start_broker(tmp_path_factory: pytest.TempPathFactory, name: str, **env: str) -> BrokerProcess:
