@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import gevent
 import msgspec
 
 from transport.frames import FrameReader
@@ -84,3 +86,22 @@ class RawConn:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextlib.contextmanager
+def hub_gaps(tick_s: float = 0.005) -> Iterator[list[float]]:
+    """Records how long a greenlet asking to sleep `tick_s` actually waited, while the block runs:
+    the largest gap shows how long the work in the block kept the gevent hub from other greenlets."""
+    gaps: list[float] = []
+
+    def ticker() -> None:
+        while True:
+            before = time.perf_counter()
+            gevent.sleep(tick_s)
+            gaps.append(time.perf_counter() - before)
+
+    running = gevent.spawn(ticker)
+    try:
+        yield gaps
+    finally:
+        running.kill()

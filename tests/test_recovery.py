@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import gevent
 import msgspec
 import pytest
+from helpers import hub_gaps
 
 from storage.database import Database
 from storage.model import (
@@ -217,17 +216,8 @@ def test_a_torn_wal_tail_recovers_the_records_before_it(data_dir: Path, db: Data
 
 def test_writing_a_big_snapshot_lets_other_greenlets_run(db: Database) -> None:
     blob = msgspec.msgpack.encode([new_task(i) for i in range(60_000)])
-    gaps: list[float] = []
-
-    def ticker() -> None:
-        while True:
-            before = time.perf_counter()
-            gevent.sleep(0.005)
-            gaps.append(time.perf_counter() - before)
-
-    running = gevent.spawn(ticker)
-    SnapshotStore(db).write(blob, Counters(), 1)
-    running.kill()
+    with hub_gaps() as gaps:
+        SnapshotStore(db).write(blob, Counters(), 1)
     loaded = SnapshotStore(db).load_latest()
     assert loaded is not None and len(loaded[0]) == 60_000
     assert max(gaps) < 0.25
