@@ -29,10 +29,8 @@ from actors.metrics import BrokerMetrics, health_app
 from actors.queue import WAL_HEADROOM_BYTES, QueueActor, writable_error
 from actors.registry import UseQueue, WorkerRegistryActor
 from config.settings import Settings
-from storage.database import Database
-from storage.history import TaskHistory
+from storage.db_process import DatabaseProcess, HistoryClient
 from storage.recovery import recover
-from storage.snapshots import SnapshotStore
 from storage.wal import WriteAheadLog
 from transport.server import ListenError, TcpServer
 
@@ -78,9 +76,9 @@ class BrokerSystem:
         self.data_dir = Path(settings.persistence.data_dir).resolve()
         self.started_at = time.time()
         self.ready = False
-        self.db: Database | None = None
+        self.db: DatabaseProcess | None = None
         self.wal: WriteAheadLog | None = None
-        self.history: TaskHistory | None = None
+        self.history: HistoryClient | None = None
         self.server: TcpServer | None = None
         self.queue: Any = None
         self.registry: Any = None
@@ -100,10 +98,10 @@ class BrokerSystem:
         ctx.server = self.server
         self.server.bind()
         self._start_http()
-        self.db = Database(self.data_dir / DB_FILE)
-        self.history = TaskHistory(self.db)
-        snapshots = SnapshotStore(self.db)
-        state = recover(self.data_dir, self.db)
+        self.db = DatabaseProcess(self.data_dir / DB_FILE)
+        self.history = self.db.history
+        snapshots = self.db.snapshots
+        state = recover(self.data_dir, snapshots)
         history_link = HistoryLink(self.history)
         if state.finished:
             try:

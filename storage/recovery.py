@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Protocol
 
 import gevent
 import msgspec
 
-from storage.database import Database
 from storage.model import Counters, Task, apply_record
-from storage.snapshots import SnapshotStore
 from storage.wal import list_segments, read_segments, wal_directory
 
 log = logging.getLogger("tqbroker.recovery")
@@ -37,14 +36,20 @@ class RecoveredState(msgspec.Struct):
 YIELD_EVERY_RECORDS = 5_000
 
 
-def recover(data_dir: Path, db: Database) -> RecoveredState:
+class SnapshotSource(Protocol):
+    """SnapshotStore in this process, or SnapshotClient of the database process."""
+
+    def load_latest(self) -> tuple[list[Task], Counters, int] | None: ...
+
+
+def recover(data_dir: Path, snapshots: SnapshotSource) -> RecoveredState:
     """Loads the newest snapshot and replays the WAL after it; cuts a torn WAL tail (see wal.py).
 
     Raises WalCorruptError for damage it must not skip, StorageError for an unreadable snapshot.
     """
     started = time.perf_counter()
     wal_dir = wal_directory(data_dir)
-    loaded = SnapshotStore(db).load_latest()
+    loaded = snapshots.load_latest()
     if loaded is None:
         tasks: dict[str, Task] = {}
         counters, from_segment, snapshot_tasks = Counters(), 1, 0

@@ -103,7 +103,7 @@ def open_wal(data_dir: Path, start: int | None = None) -> WriteAheadLog:
 
 
 def test_an_empty_data_dir_recovers_to_nothing(data_dir: Path, db: Database) -> None:
-    state = recover(data_dir, db)
+    state = recover(data_dir, SnapshotStore(db))
     assert state.tasks == {} and state.finished == [] and state.counters == Counters()
     assert state.next_segment == 1 and state.replayed_records == 0
 
@@ -118,7 +118,7 @@ def test_replaying_the_whole_wal_gives_the_state_of_applying_it_directly(
     last = wal.current_segment
     wal.close()
     tasks, counters, finished = apply_all(records)
-    state = recover(data_dir, db)
+    state = recover(data_dir, SnapshotStore(db))
     assert state.tasks == tasks
     assert state.counters == counters and counters.submitted_total == 300
     assert state.finished == finished and finished
@@ -153,7 +153,7 @@ def test_a_snapshot_then_more_wal_records_recover_to_the_same_state(data_dir: Pa
     expected_tasks, expected_counters, finished_after = apply_all(
         after, live_copy, msgspec.structs.replace(counters)
     )
-    state = recover(data_dir, db)
+    state = recover(data_dir, SnapshotStore(db))
     assert state.tasks == expected_tasks
     assert state.counters == expected_counters and expected_counters.failed_total >= 20
     assert state.finished == finished_after
@@ -171,7 +171,7 @@ def test_counters_and_every_task_field_are_restored_from_a_snapshot(data_dir: Pa
     counters = Counters(submitted_total=900, completed_total=700, failed_total=50, cancelled_total=20,
                         retried_total=33)
     SnapshotStore(db).write(msgspec.msgpack.encode(tasks), counters, 4)
-    state = recover(data_dir, db)
+    state = recover(data_dir, SnapshotStore(db))
     assert state.counters == counters
     assert state.tasks == {t.task_id: t for t in tasks}
     assert state.next_segment == 4
@@ -209,7 +209,7 @@ def test_a_torn_wal_tail_recovers_the_records_before_it(data_dir: Path, db: Data
     with last.open("r+b") as f:
         f.truncate(last.stat().st_size - 3)
     tasks, counters, _ = apply_all(records[:-1])
-    state = recover(data_dir, db)
+    state = recover(data_dir, SnapshotStore(db))
     assert state.tasks == tasks and state.counters == counters
     assert state.replayed_records == len(records) - 1
 

@@ -1,0 +1,266 @@
+"""The broker's side of its database process (storage.db_server): the same calls as TaskHistory and
+SnapshotStore, carried over a pipe.
+
+Why: DuckDB work inside the broker made the gevent hub wait for the GIL (see storage.db_server). Here
+the broker only encodes a request (one msgspec call) and writes it cooperatively; a greenlet reads the
+replies and wakes each caller. If the process dies, pending calls fail with a StorageError naming its
+exit status and the next call starts a new one (the history writer and the compactor retry on their
+own), so a DuckDB crash costs a few retried batches, never the broker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.os
+import gevent.subprocess
+import msgspec
+
+from storage import db_wire
+from storage.database import StorageError
+from storage.history import QueryResult
+from storage.model import Counters, Task
+
+log = logging.getLogger("tqbroker.storage")
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 60.0  # opening a big file and migrating it can take a while; a hung start must not
+CLOSE_TIMEOUT_S = 10.0
+REPLY_MARGIN_S = 30.0  # a read's own timeout runs in the process; this bounds a process that hangs
+DECODE_SLICE = 20_000  # tasks decoded per step when loading a snapshot, between yields to the hub
+
+_TASK = msgspec.msgpack.Decoder(Task)
+_RAW_LIST = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+class _Channel:
+    """One running database process: its pipes and the calls waiting for its replies."""
+
+    def __init__(self, proc: Any, pid: int, reader: db_wire.FrameReader) -> None:
+        self.proc, self.pid, self.reader = proc, pid, reader
+        self.writer = db_wire.FrameWriter(proc.stdin.fileno())
+        self.pending: dict[int, gevent.event.AsyncResult] = {}
+        self.open = True
+
+    def hang_up(self) -> None:
+        """Closing our end of the request pipe is the process's signal to finish and exit."""
+        if self.open:
+            self.open = False
+            self.proc.stdin.close()
+
+    def fail_pending(self, message: str) -> None:
+        for waiter in self.pending.values():
+            waiter.set((False, ["storage", message]))
+        self.pending.clear()
+
+
+class DatabaseProcess:
+    """Starts `python -m storage.db_server` on `path` and talks to it; `.history` and `.snapshots`
+    are what the broker uses."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False, memory_limit: str = "256MB",
+                 threads: int = 1) -> None:
+        self.path = Path(path)
+        self._command = [sys.executable, "-m", "storage.db_server", str(self.path), "--memory-limit",
+                         memory_limit, "--threads", str(threads), "--log-level",
+                         logging.getLevelName(log.getEffectiveLevel())]
+        if read_only:
+            self._command.append("--read-only")
+        self._ids = itertools.count(1)
+        self._channel: _Channel | None = None
+        self._closed = False
+        self._channel = self._start()
+        self.history = HistoryClient(self)
+        self.snapshots = SnapshotClient(self)
+
+    @property
+    def pid(self) -> int:
+        return self._channel.pid if self._channel is not None else 0
+
+    # ------------------------------------------------------------------ process
+
+    def _start(self) -> _Channel:
+        """Starts the process and waits for its report: open, or why not (a locked file, say)."""
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        proc = gevent.subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        for fd in (proc.stdin.fileno(), proc.stdout.fileno()):
+            gevent.os.make_nonblocking(fd)
+        reader = db_wire.FrameReader(proc.stdout.fileno())
+        report = self._first_report(reader, proc)
+        if not report[1]:
+            self._discard(proc)
+            db_wire.raise_error(report[2])
+        channel = _Channel(proc, report[2], reader)
+        gevent.spawn(self._read_replies, channel)
+        return channel
+
+    def _first_report(self, reader: db_wire.FrameReader, proc: Any) -> list[Any]:
+        try:
+            with gevent.Timeout(START_TIMEOUT_S):
+                while True:
+                    body = reader.read()
+                    if body is None:
+                        return [db_wire.READY_ID, False,
+                                ["storage", f"database process for {self.path} exited at start "
+                                            f"(status {proc.wait()}); see the log above"]]
+                    if body[0] != db_wire.LOG_ID:
+                        return body
+                    _relay_log(body)
+        except gevent.Timeout:
+            proc.kill()
+            return [db_wire.READY_ID, False,
+                    ["storage", f"database process for {self.path} did not open it within {START_TIMEOUT_S:g} s"]]
+
+    @staticmethod
+    def _discard(proc: Any) -> None:
+        proc.stdin.close()
+        proc.stdout.close()
+        try:
+            proc.wait(timeout=CLOSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    def _read_replies(self, channel: _Channel) -> None:
+        while (body := channel.reader.read()) is not None:
+            if body[0] == db_wire.LOG_ID:
+                _relay_log(body)
+                continue
+            waiter = channel.pending.pop(body[0], None)
+            if waiter is not None:
+                waiter.set((body[1], body[2]))
+        self._lost(channel, f"database process exited with status {channel.proc.wait()}")
+        channel.proc.stdout.close()
+
+    def _lost(self, channel: _Channel, message: str) -> None:
+        """The process is gone (or its pipe broke): fail its calls; the next call starts a new one."""
+        if self._channel is channel:
+            self._channel = None
+            if not self._closed:
+                log.error("%s (pid %d); a new one is started on the next call", message, channel.pid)
+        channel.hang_up()
+        channel.fail_pending(message)
+
+    # ------------------------------------------------------------------ calls
+
+    def call(self, op: str, *args: Any, timeout: float | None = None) -> Any:
+        """Runs `op` in the database process; raises its StorageError / QueryTimeout / QueryRefused."""
+        if self._closed:
+            raise StorageError(f"database {self.path} is closed")
+        channel = self._channel
+        if channel is None:
+            log.warning("starting a new database process for %s", self.path)
+            channel = self._channel = self._start()
+        request_id = next(self._ids)
+        waiter = channel.pending[request_id] = gevent.event.AsyncResult()
+        try:
+            channel.writer.send([request_id, op, list(args)])
+            ok, value = waiter.get(timeout=timeout)
+        except OSError as exc:  # EPIPE: it died before the reply greenlet saw the end of its output
+            channel.proc.kill()
+            self._lost(channel, f"database process is gone: {exc.strerror or exc}")
+            ok, value = False, ["storage", f"database process is gone: {exc.strerror or exc}"]
+        except gevent.Timeout:
+            ok, value = False, ["storage", f"database process did not answer {op} within {timeout:g} s"]
+        finally:
+            channel.pending.pop(request_id, None)
+        if not ok:
+            db_wire.raise_error(value)
+        return value
+
+    def close(self) -> None:
+        """Lets the process finish its writes and close the file (DuckDB checkpoints on close)."""
+        if self._closed:
+            return
+        channel = self._channel
+        try:
+            if channel is not None:
+                self.call("close", timeout=CLOSE_TIMEOUT_S)
+        except StorageError as exc:
+            log.warning("database process did not close cleanly: %s", exc.message)
+        finally:
+            self._closed = True
+            if channel is not None:
+                channel.hang_up()
+                try:
+                    channel.proc.wait(timeout=CLOSE_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    channel.proc.kill()
+
+
+def _relay_log(body: list[Any]) -> None:
+    _, levelno, name, message = body
+    logging.getLogger(name).log(levelno, "%s", message)
+
+
+class HistoryClient:
+    """storage.history.TaskHistory's calls, run in the database process."""
+
+    def __init__(self, process: DatabaseProcess) -> None:
+        self._process = process
+
+    def append(self, tasks: Sequence[Task]) -> None:
+        if tasks:
+            self._process.call("append", msgspec.msgpack.encode(list(tasks)))
+
+    def append_dedup(self, tasks: Sequence[Task]) -> None:
+        if tasks:
+            self._process.call("append_dedup", msgspec.msgpack.encode(list(tasks)))
+
+    def get(self, task_id: str) -> Task | None:
+        blob = self._process.call("get", task_id, timeout=REPLY_MARGIN_S)
+        return None if blob is None else _TASK.decode(blob)
+
+    def query(self, sql: str, timeout: float) -> tuple[list[str], list[list[Any]]]:
+        result = self.query_result(sql, timeout)
+        return result.columns, result.rows
+
+    def query_result(self, sql: str, timeout: float) -> QueryResult:
+        columns, rows, truncated = self._process.call("query", sql, timeout, timeout=timeout + REPLY_MARGIN_S)
+        return QueryResult(columns, rows, truncated)
+
+    def delete_older_than(self, cutoff: float) -> int:
+        return int(self._process.call("delete_older_than", cutoff))
+
+    def checkpoint(self) -> None:
+        self._process.call("checkpoint")
+
+    def count(self) -> int:
+        return int(self._process.call("count", timeout=REPLY_MARGIN_S))
+
+
+class SnapshotClient:
+    """storage.snapshots.SnapshotStore's calls, run in the database process."""
+
+    def __init__(self, process: DatabaseProcess) -> None:
+        self._process = process
+
+    def write(self, tasks_blob: bytes, counters: Counters, wal_segment: int) -> int:
+        return int(self._process.call("snapshot_write", tasks_blob, list(msgspec.structs.astuple(counters)),
+                                      wal_segment))
+
+    def load_latest(self) -> tuple[list[Task], Counters, int] | None:
+        loaded = self._process.call("snapshot_load")
+        if loaded is None:
+            return None
+        blob, counter_values, wal_segment = loaded
+        return decode_tasks(blob), Counters(*counter_values), int(wal_segment)
+
+
+def decode_tasks(blob: bytes) -> list[Task]:
+    """Decodes a msgpack list of tasks in slices, letting other greenlets (/healthz) run between them:
+    one call for a million tasks would hold the hub for seconds."""
+    raws = _RAW_LIST.decode(blob)
+    tasks: list[Task] = []
+    for start in range(0, len(raws), DECODE_SLICE):
+        tasks += [_TASK.decode(raw) for raw in raws[start:start + DECODE_SLICE]]
+        gevent.sleep(0)
+    return tasks
