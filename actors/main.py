@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
 def run_broker(settings: Settings) -> int:
     from actors.logs import setup_logging
     from actors.system import BrokerSystem, StartupError
-    from storage.database import StorageError
+    from storage.errors import StorageError
     from storage.wal import WalError
     from transport.server import ListenError
 

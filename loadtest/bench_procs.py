@@ -76,7 +76,9 @@ class Server:
         return self.proc.pid
 
     def rss_bytes(self) -> int:
-        return psutil.Process(self.pid).memory_info().rss
+        """RSS of the server and every process it started (tqbroker's database process included)."""
+        root = psutil.Process(self.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.dir / "server.log"

@@ -27,7 +27,11 @@ import gevent
 import gevent.event
 import gevent.threadpool
 
+from storage.errors import QueryRefused, QueryTimeout, StorageError
+
 log = logging.getLogger("tqbroker.storage")
+
+__all__ = ["Database", "QueryRefused", "QueryTimeout", "StorageError", "fetch_one", "transaction"]
 
 T = TypeVar("T")
 
@@ -57,22 +61,6 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
-
-
-class StorageError(Exception):
-    """A storage failure; `.message` is one line a user can act on."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class QueryTimeout(StorageError):
-    """A read ran past its bound and was interrupted."""
-
-
-class QueryRefused(StorageError):
-    """Ad-hoc SQL that is not one read-only statement, or that DuckDB rejected."""
 
 
 def _open_error_message(path: Path, exc: Exception) -> str:

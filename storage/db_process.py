@@ -26,8 +26,7 @@ import gevent.subprocess
 import msgspec
 
 from storage import db_wire
-from storage.database import StorageError
-from storage.history import QueryResult
+from storage.errors import QueryResult, StorageError
 from storage.model import Counters, Task
 
 log = logging.getLogger("tqbroker.storage")

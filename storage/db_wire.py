@@ -18,7 +18,7 @@ import gevent.lock
 import gevent.os
 import msgspec
 
-from storage.database import QueryRefused, QueryTimeout, StorageError
+from storage.errors import QueryRefused, QueryTimeout, StorageError
 
 LENGTH = struct.Struct(">Q")
 READY_ID = 0

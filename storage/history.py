@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import duckdb
-import msgspec
 
-from storage.database import Database, QueryRefused, fetch_one, transaction
+from storage.database import Database, fetch_one, transaction
+from storage.errors import QueryRefused, QueryResult
 from storage.model import Task
 
 QUERY_MAX_ROWS = 10_000
@@ -73,14 +73,6 @@ _GET = """SELECT task_id, queue, kind, priority, state, attempts, max_retries, w
        epoch_us(submitted_at), epoch_us(run_at), epoch_us(started_at), epoch_us(finished_at),
        error, result
     FROM task_history WHERE task_id = $1 ORDER BY finished_at DESC LIMIT 1"""
-
-
-class QueryResult(msgspec.Struct, frozen=True):
-    """Columns and rows of an ad-hoc query; `truncated` when rows stopped at QUERY_MAX_ROWS."""
-
-    columns: list[str]
-    rows: list[list[Any]]
-    truncated: bool = False
 
 
 class TaskHistory:
