@@ -91,19 +91,19 @@ def run_broker(settings: Settings) -> int:
 
 
 def _offline_query(sql: str) -> tuple[list[str], list[list[object]]]:
-    """`sql` with the broker stopped: open the DuckDB file read-only ourselves."""
+    """`sql` with the broker stopped: open the DuckDB file read-only in a database process of our own
+    (a real thread there can be interrupted at api.query_timeout_secs; a patched one here could not)."""
     from pathlib import Path
 
     from actors.system import DB_FILE
-    from storage.database import Database
-    from storage.history import TaskHistory
+    from storage.db_process import DatabaseProcess
 
     settings = load_settings()
     path = Path(settings.persistence.data_dir) / DB_FILE
     if not path.exists():
         raise FileNotFoundError(f"no history database at {path} (persistence.data_dir)")
-    db = Database(path, read_only=True)
+    db = DatabaseProcess(path, read_only=True)
     try:
-        return TaskHistory(db).query(sql, timeout=settings.api.query_timeout_secs)
+        return db.history.query(sql, timeout=settings.api.query_timeout_secs)
     finally:
         db.close()

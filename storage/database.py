@@ -1,8 +1,8 @@
 """One DuckDB file per data dir, written by exactly one OS thread, read by a small pool of others.
 
-Why threads: a DuckDB call made in a greenlet stops every other greenlet for its whole duration
-(STYLE.md, measured). gevent's ThreadPool runs real OS threads even under monkey patching, and
-`.spawn(fn).get()` blocks only the calling greenlet; it works the same without patching.
+This runs in the database process (storage.db_server), never in the broker, and uses plain OS threads
+(concurrent.futures) rather than gevent: callers block until their call ends, which is what the
+database process, the tests and the offline `sql` command want.
 Why one writer: DuckDB serialises writers anyway, and a single thread with its own connection keeps
 transactions (snapshot = many statements) free of interleaving.
 Why `enable_external_access=False`: the broker only touches its own file, and QUERY (ad-hoc SQL
@@ -19,13 +19,13 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
-import gevent
-import gevent.event
-import gevent.threadpool
 
 from storage.errors import QueryRefused, QueryTimeout, StorageError
 
@@ -74,25 +74,6 @@ def _open_error_message(path: Path, exc: Exception) -> str:
         )
     first_line = text.splitlines()[0] if text else type(exc).__name__
     return f"cannot open database {path}: {first_line}"
-
-
-_Outcome = tuple[bool, Any]
-
-
-def _capture(fn: Callable[..., Any], *args: Any) -> _Outcome:
-    """Runs in the pool thread and hands any exception back as a value: gevent's ThreadPool would
-    print a traceback to stderr for every exception raised there (every refused QUERY, say)."""
-    try:
-        return True, fn(*args)
-    except BaseException as exc:  # re-raised in the calling greenlet by _unwrap
-        return False, exc
-
-
-def _unwrap(outcome: _Outcome) -> Any:
-    ok, value = outcome
-    if not ok:
-        raise value
-    return value
 
 
 def _invalidated(exc: Exception) -> bool:
@@ -164,8 +145,8 @@ class Database:
         except duckdb.Error as exc:
             raise StorageError(_open_error_message(self.path, exc)) from None
         self._read_root = self._conn.cursor()  # cursors for reads are made from this, never used itself
-        self._writer = gevent.threadpool.ThreadPool(1)
-        self._readers = gevent.threadpool.ThreadPool(_READ_THREADS)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
+        self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="duckdb-reader")
         self._closed = False
         if not read_only:
             try:
@@ -175,13 +156,13 @@ class Database:
                 raise
 
     def run_write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs `fn(conn, *args)` on the writer thread; blocks only the calling greenlet.
+        """Runs `fn(conn, *args)` on the writer thread and waits for it.
 
         DuckDB errors come back as StorageError with one line (e.g. "disk full: PATH").
         """
         self._check_open()
         try:
-            return _unwrap(self._writer.spawn(_capture, fn, self._conn, *args).get())
+            return self._writer.submit(lambda: fn(self._conn, *args)).result()
         except duckdb.Error as exc:
             if _invalidated(exc):
                 self._reopen()
@@ -199,7 +180,7 @@ class Database:
             self._read_root = self._conn.cursor()
 
         try:
-            _unwrap(self._writer.spawn(_capture, reopen, self._conn).get())
+            self._writer.submit(reopen, self._conn).result()
         except duckdb.Error as exc:  # still no space: the next failing write tries again
             log.error("cannot reopen %s yet: %s", self.path, _failure_message(self.path, exc))
 
@@ -211,25 +192,25 @@ class Database:
         """
         self._check_open()
         job = _ReadJob(self._read_root, fn, args)
-        result = self._readers.spawn(_capture, job.run)
+        result = self._readers.submit(job.run)
         try:
-            return _unwrap(result.get(timeout=timeout))
+            return result.result(timeout=timeout)
         except duckdb.Error as exc:
             raise StorageError(_failure_message(self.path, exc)) from exc
-        except gevent.Timeout:
+        except FutureTimeout:
             self._stop(job, result)
             raise QueryTimeout(
                 f"query ran longer than {timeout:g} s and was stopped (bound: api.query_timeout_secs)"
             ) from None
 
     @staticmethod
-    def _stop(job: _ReadJob, result: gevent.event.AsyncResult) -> None:
+    def _stop(job: _ReadJob, result: Future[Any]) -> None:
         """Interrupts until the job has ended, so the reader thread is free again (bounded wait)."""
         deadline = time.monotonic() + _INTERRUPT_GRACE_SECONDS
-        while not result.ready() and time.monotonic() < deadline:
+        while not result.done() and time.monotonic() < deadline:
             job.cancel()
-            result.wait(0.05)
-        if not result.ready():
+            futures_wait([result], timeout=0.05)
+        if not result.done():
             log.warning("a timed-out query did not stop within %.0f s", _INTERRUPT_GRACE_SECONDS)
 
     def _check_open(self) -> None:
@@ -242,10 +223,10 @@ class Database:
             return
         self._closed = True
         try:
-            _unwrap(self._writer.spawn(_capture, _close_connections, self._read_root, self._conn).get())
+            self._writer.submit(_close_connections, self._read_root, self._conn).result()
         finally:
-            self._writer.kill()
-            self._readers.kill()
+            self._writer.shutdown(wait=False)
+            self._readers.shutdown(wait=False)
 
 
 def fetch_one(

@@ -21,6 +21,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.os
 import gevent.subprocess
 import msgspec
@@ -46,7 +47,7 @@ class _Channel:
 
     def __init__(self, proc: Any, pid: int, reader: db_wire.FrameReader) -> None:
         self.proc, self.pid, self.reader = proc, pid, reader
-        self.writer = db_wire.FrameWriter(proc.stdin.fileno())
+        self.writer = db_wire.FrameWriter(proc.stdin.fileno(), gevent.os.nb_write, gevent.lock.Semaphore())
         self.pending: dict[int, gevent.event.AsyncResult] = {}
         self.open = True
 
@@ -93,7 +94,7 @@ class DatabaseProcess:
         proc = gevent.subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         for fd in (proc.stdin.fileno(), proc.stdout.fileno()):
             gevent.os.make_nonblocking(fd)
-        reader = db_wire.FrameReader(proc.stdout.fileno())
+        reader = db_wire.FrameReader(proc.stdout.fileno(), gevent.os.nb_read)
         report = self._first_report(reader, proc)
         if not report[1]:
             self._discard(proc)

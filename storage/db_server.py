@@ -9,8 +9,9 @@ interpreter, so its GIL is not the broker's.
 
     python -m storage.db_server PATH [--read-only] [--memory-limit 256MB] [--threads 1]
 
-Requests arrive on stdin, replies leave on stdout (storage.db_wire); every request runs in its own
-greenlet, so a long QUERY never holds up a history write. The process dies with the broker
+Requests arrive on stdin, replies leave on stdout (storage.db_wire). Each request runs on a thread of
+a small pool (DuckDB's own writer and reader threads sit behind it, see storage.database), so a long
+QUERY never holds up a history write. No gevent here: it would only add memory. The process dies with the broker
 (PR_SET_PDEATHSIG), and stops when stdin closes or on the `close` request.
 """
 
@@ -23,10 +24,9 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import gevent
-import gevent.os
 import msgspec
 
 from storage import db_wire
@@ -37,6 +37,7 @@ from storage.snapshots import SnapshotStore
 
 _TASKS = msgspec.msgpack.Decoder(list[Task])
 _PR_SET_PDEATHSIG = 1
+_HANDLER_THREADS = 8  # requests in progress at once: more wait in the pool's queue
 
 
 class PipeLogHandler(logging.Handler):
@@ -122,8 +123,6 @@ def _die_with_parent() -> None:
 def serve(args: argparse.Namespace) -> int:
     in_fd, out_fd = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print() must not corrupt the reply stream
-    gevent.os.make_nonblocking(in_fd)
-    gevent.os.make_nonblocking(out_fd)
     out = db_wire.FrameWriter(out_fd)
     logging.basicConfig(level=args.log_level, handlers=[PipeLogHandler(out.send)])
     try:
@@ -134,14 +133,9 @@ def serve(args: argparse.Namespace) -> int:
     server = DatabaseServer(db, out)
     out.send([db_wire.READY_ID, True, os.getpid()])
     reader = db_wire.FrameReader(in_fd)
-    workers: list[gevent.Greenlet] = []
-    while not server.closing:
-        request = reader.read()
-        if request is None:  # the broker closed the pipe or died
-            break
-        workers = [g for g in workers if not g.dead]
-        workers.append(gevent.spawn(server.handle, request))
-    gevent.joinall(workers)
+    with ThreadPoolExecutor(_HANDLER_THREADS, thread_name_prefix="request") as pool:
+        while not server.closing and (request := reader.read()) is not None:  # None: the broker hung up
+            pool.submit(server.handle, request)
     if not server.closing:
         db.close()
     return 0

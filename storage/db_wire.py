@@ -5,17 +5,20 @@ tasks can pass 4 GiB). Requests are `[id, op, args]`; replies `[id, ok, value]`,
 value is `[kind, message]`. Id 0 is the process's start-up report, `LOG_ID` a log record
 `[levelno, logger, message]` the broker re-emits in its own log format.
 
-Both sides do their pipe I/O cooperatively (gevent non-blocking file descriptors), so a 100 MB
-snapshot on its way through never stops other greenlets.
+The broker reads and writes the pipe cooperatively (gevent's non-blocking `nb_read`/`nb_write`, so
+a 100 MB snapshot on its way through never stops other greenlets); the database process, which has no
+gevent, uses plain blocking `os.read`/`os.write` from its threads. Both pass their functions in.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
-import gevent.lock
-import gevent.os
 import msgspec
 
 from storage.errors import QueryRefused, QueryTimeout, StorageError
@@ -54,37 +57,35 @@ def raise_error(value: list[str]) -> None:
     raise ERROR_KINDS.get(kind, StorageError)(message)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Writes every byte, in chunks, waiting cooperatively while the pipe is full."""
-    view = memoryview(data)
-    while view:
-        written = gevent.os.nb_write(fd, view[:MAX_CHUNK])
-        view = view[written:]
-
-
 class FrameWriter:
-    """Writes whole frames to a non-blocking fd; frames of concurrent greenlets never interleave."""
+    """Writes whole frames to `fd` with `write` (os.write or gevent's nb_write); frames of concurrent
+    callers never interleave (`lock`: a threading.Lock, or a gevent Semaphore in the broker)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, write: Callable[[int, Any], int] = os.write,
+                 lock: AbstractContextManager[Any] | None = None) -> None:
         self.fd = fd
-        self._lock = gevent.lock.Semaphore()
+        self._write = write
+        self._lock = lock if lock is not None else threading.Lock()
 
     def send(self, body: Any) -> None:
         frame = encode(body)
         with self._lock:
-            write_all(self.fd, frame)
+            view = memoryview(frame)
+            while view:
+                view = view[self._write(self.fd, view[:MAX_CHUNK]):]
 
 
 class FrameReader:
-    """Reads whole frames from a non-blocking fd; `None` at end of file."""
+    """Reads whole frames from `fd` with `read` (os.read or gevent's nb_read); `None` at end of file."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, read: Callable[[int, int], bytes] = os.read) -> None:
         self.fd = fd
+        self._read = read
         self._buffer = bytearray()
 
     def _fill(self, size: int) -> bool:
         while len(self._buffer) < size:
-            chunk = gevent.os.nb_read(self.fd, max(size - len(self._buffer), 65536))
+            chunk = self._read(self.fd, max(size - len(self._buffer), 65536))
             if not chunk:
                 return False
             self._buffer += chunk

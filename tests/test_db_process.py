@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import wait_for
+from helpers import hub_gaps, wait_for
 
 from storage.database import QueryRefused, QueryTimeout, StorageError
 from storage.db_process import DatabaseProcess, decode_tasks
@@ -99,3 +99,20 @@ def _zombie(pid: int) -> bool:
 def test_snapshot_tasks_decode_in_slices_to_the_same_list() -> None:
     tasks = [finished_task(i) for i in range(45_000)]
     assert decode_tasks(msgspec.msgpack.encode(tasks)) == tasks
+
+
+def test_a_big_history_batch_goes_through_while_other_greenlets_run(db: DatabaseProcess) -> None:
+    with hub_gaps() as gaps:
+        db.history.append([finished_task(i) for i in range(50_000)])
+    assert db.history.count() == 50_000
+    assert max(gaps) < 0.25  # generous: the encode is one C call; the rest is cooperative pipe I/O
+
+
+def test_a_big_snapshot_is_written_and_loaded_while_other_greenlets_run(db: DatabaseProcess) -> None:
+    tasks = [finished_task(i) for i in range(60_000)]
+    blob = msgspec.msgpack.encode(tasks)
+    with hub_gaps() as gaps:
+        db.snapshots.write(blob, Counters(), 1)
+        loaded = db.snapshots.load_latest()
+    assert loaded is not None and loaded[0] == tasks
+    assert max(gaps) < 0.25

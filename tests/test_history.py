@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import hub_gaps
 
 from storage.database import Database, QueryRefused, QueryTimeout, StorageError
 from storage.history import HISTORY_COLUMNS_DOC, QUERY_MAX_ROWS, TaskHistory
@@ -159,13 +158,6 @@ def test_append_dedup_skips_tasks_already_in_history(history: TaskHistory) -> No
     history.append_dedup([finished_task(i) for i in range(3, 8)])
     _, rows = history.query("SELECT task_id, count(*) FROM task_history GROUP BY ALL ORDER BY 1", timeout=5)
     assert rows == [[f"task-{i:06d}", 1] for i in range(8)]
-
-
-def test_appending_a_big_batch_lets_other_greenlets_run(history: TaskHistory) -> None:
-    with hub_gaps() as gaps:
-        history.append([finished_task(i) for i in range(50_000)])
-    assert history.count() == 50_000
-    assert max(gaps) < 0.25
 
 
 def test_a_second_process_opening_a_locked_file_gets_a_one_line_storage_error(db: Database) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import hub_gaps
 
 from storage.database import Database
 from storage.model import (
@@ -212,15 +211,6 @@ def test_a_torn_wal_tail_recovers_the_records_before_it(data_dir: Path, db: Data
     state = recover(data_dir, SnapshotStore(db))
     assert state.tasks == tasks and state.counters == counters
     assert state.replayed_records == len(records) - 1
-
-
-def test_writing_a_big_snapshot_lets_other_greenlets_run(db: Database) -> None:
-    blob = msgspec.msgpack.encode([new_task(i) for i in range(60_000)])
-    with hub_gaps() as gaps:
-        SnapshotStore(db).write(blob, Counters(), 1)
-    loaded = SnapshotStore(db).load_latest()
-    assert loaded is not None and len(loaded[0]) == 60_000
-    assert max(gaps) < 0.25
 
 
 def test_snapshot_tables_mirror_the_task_and_counters_structs(db: Database) -> None:
