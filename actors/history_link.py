@@ -1,7 +1,8 @@
 """The queue actor's side of `task_history`: finished tasks leave memory in column batches.
 
-Owned by the QueueActor and touched only from its handlers. Writes run on the database's writer
-thread (never on the gevent hub); when one finishes, the writing greenlet *tells* the queue actor
+Owned by the QueueActor and touched only from its handlers. Writes run in the database process
+(storage.db_process; a greenlet waits for the reply, the hub does not); when one finishes, the writing
+greenlet *tells* the queue actor
 (`HistoryWritten`) instead of touching this object, so all its state changes inside the actor.
 Until a batch is committed its tasks stay here, so STATUS never misses a task between memory and disk.
 """
