@@ -2,7 +2,7 @@
 
 Every `persistence.snapshot_interval_secs` it asks the queue actor for a consistent image of the live
 tasks (taken in one handler, right after the WAL rotates to a new segment), writes it to DuckDB in one
-transaction on the database writer thread, and then tells the queue actor that WAL segments before
+transaction in the database process, and then tells the queue actor that WAL segments before
 the new one may go. So the WAL holds at most the live data plus one interval of changes.
 Every `persistence.compact_interval_secs` (with `auto_compact`) it deletes history older than
 `completed_task_retention_days` and CHECKPOINTs.
@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 import gevent
-import pykka
 from msgspec import Struct
 
+from actors.hub_actor import HubActor
 from actors.timers import every
 from storage.model import Counters, Task
 
@@ -52,7 +52,7 @@ class SnapshotTaken(Struct, gc=False):
     error: str | None = None
 
 
-class CompactorActor(pykka.ThreadingActor):
+class CompactorActor(HubActor):
     def __init__(self, queue: Any, snapshots: Any, history: Any, persistence: Any) -> None:
         super().__init__()
         self.queue = queue

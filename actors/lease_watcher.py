@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import gevent
-import pykka
 
 from actors.envelopes import ExpireLeases
+from actors.hub_actor import HubActor
 from actors.timers import every
 
 
-class LeaseWatcherActor(pykka.ThreadingActor):
+class LeaseWatcherActor(HubActor):
     def __init__(self, queue: Any, interval_s: float) -> None:
         super().__init__()
         self.queue = queue
