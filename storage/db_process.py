@@ -78,6 +78,7 @@ class DatabaseProcess:
         self._ids = itertools.count(1)
         self._channel: _Channel | None = None
         self._closed = False
+        self._restarting = gevent.lock.Semaphore()
         self._channel = self._start()
         self.history = HistoryClient(self)
         self.snapshots = SnapshotClient(self)
@@ -149,16 +150,21 @@ class DatabaseProcess:
         channel.hang_up()
         channel.fail_pending(message)
 
+    def _restart(self) -> _Channel:
+        """One restart at a time: two processes on one file would fail each other on DuckDB's lock."""
+        with self._restarting:
+            if self._channel is None:
+                log.warning("starting a new database process for %s", self.path)
+                self._channel = self._start()
+            return self._channel
+
     # ------------------------------------------------------------------ calls
 
     def call(self, op: str, *args: Any, timeout: float | None = None) -> Any:
         """Runs `op` in the database process; raises its StorageError / QueryTimeout / QueryRefused."""
         if self._closed:
             raise StorageError(f"database {self.path} is closed")
-        channel = self._channel
-        if channel is None:
-            log.warning("starting a new database process for %s", self.path)
-            channel = self._channel = self._start()
+        channel = self._channel or self._restart()
         request_id = next(self._ids)
         waiter = channel.pending[request_id] = gevent.event.AsyncResult()
         try:
