@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 
 from storage.model import LeasesRenewed, Task, TaskChanged, TaskFinished, TaskSubmitted, WalRecord
 from storage.wal import (
+    FREE_CACHE_FLOOR,
+    FREE_CACHE_S,
     MAGIC,
     WalCorruptError,
     WalError,
@@ -218,6 +221,54 @@ def test_a_full_disk_leaves_nothing_torn_and_probe_finds_it_writable_again(
     after = TaskSubmitted(make_task(40))
     wal.append([after])
     assert list(read_segments(wal_dir, 1)) == [*before, after]
+
+
+class FakeDisk:
+    """Stands in for `os.statvfs` and the WAL's clock: counts the statvfs calls, answers `free` bytes."""
+
+    def __init__(self, free: int) -> None:
+        self.free, self.calls, self.now = free, 0, 1000.0
+
+    def statvfs(self, path: object) -> os.statvfs_result:
+        self.calls += 1
+        return os.statvfs_result((4096, 1, self.free, self.free, self.free, 0, 0, 0, 0, 255))
+
+
+@pytest.fixture
+def fake_disk(monkeypatch: pytest.MonkeyPatch) -> FakeDisk:
+    import storage.wal as wal_module
+
+    disk = FakeDisk(free=1 << 40)
+    monkeypatch.setattr(os, "statvfs", disk.statvfs)
+    clock = type("Clock", (), {"monotonic": staticmethod(lambda: disk.now), "perf_counter": time.perf_counter})
+    monkeypatch.setattr(wal_module, "time", clock)
+    return disk
+
+
+def test_free_bytes_reuses_one_statvfs_for_a_short_time_minus_what_the_wal_wrote(
+    wal: WriteAheadLog, fake_disk: FakeDisk
+) -> None:
+    assert wal.free_bytes() == 1 << 40
+    path = segment_path(wal.directory, wal.current_segment)
+    size = path.stat().st_size
+    wal.append([TaskSubmitted(make_task(i)) for i in range(20)])
+    written = path.stat().st_size - size
+    assert wal.free_bytes() == (1 << 40) - written
+    assert fake_disk.calls == 1
+    fake_disk.now += 2 * FREE_CACHE_S
+    fake_disk.free = 1 << 39
+    assert wal.free_bytes() == 1 << 39
+    assert fake_disk.calls == 2
+
+
+def test_free_bytes_asks_the_filesystem_every_time_when_the_disk_is_nearly_full(
+    wal: WriteAheadLog, fake_disk: FakeDisk
+) -> None:
+    fake_disk.free = FREE_CACHE_FLOOR - 1
+    assert wal.free_bytes() == FREE_CACHE_FLOOR - 1
+    fake_disk.free = 1000
+    assert wal.free_bytes() == 1000  # someone else took the space: seen at once, not after the cache time
+    assert fake_disk.calls == 2
 
 
 def test_interval_mode_calls_back_at_once_and_fsyncs_in_the_background(wal_dir: Path) -> None:
