@@ -2,7 +2,7 @@
 
 Pure functions over tasks, the task index and protocol messages (they change nothing), kept apart from
 `actors.queue` so the actor reads as the state machine it drives. `send_outbox` is the one place replies
-are told to the connection actors.
+are told to the connections' reply addresses (`actors.outbox.ConnectionOutbox`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from transport.messages import (
     WorkerInfo,
 )
 
-Outbox = dict[str, tuple[Any, list[Message]]]  # actor urn -> (reply_to, messages for it)
+Outbox = dict[str, tuple[Any, list[Message]]]  # connection actor urn -> (reply_to, messages for it)
 
 _ACKS = (Submitted, SubmittedBatch, Ok, Assigned)
 

@@ -6,9 +6,10 @@ import hashlib
 import hmac
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from actors.idle import IdleSweeper
 from actors.metrics import BrokerMetrics
 from config.settings import Settings
 
@@ -57,6 +58,7 @@ class BrokerContext:
     run_query: Callable[[str], tuple[list[str], list[list[Any]]]]
     metrics: BrokerMetrics
     server_name: str = "tqbroker/0.1.0"
+    idle: IdleSweeper = field(default_factory=IdleSweeper, repr=False)  # closes idle connections
 
     def refuse_peer(self, address: Any) -> str | None:
         """Protected mode: without auth, only loopback peers may connect unless explicitly allowed."""

@@ -1,7 +1,9 @@
 """Messages the actors tell each other (never on the wire).
 
-A request that needs an answer carries `reply_to`, the connection actor's ref: the owner of the state
-tells the answer straight back, so the hot path is tell-only (DESIGN.md).
+A request that needs an answer carries `reply_to`, its connection's `ConnectionOutbox`
+(`actors.outbox`): the owner of the state tells the answer straight back, so the hot path is tell-only
+(DESIGN.md), and a reply with nothing queued ahead of it leaves without a hop through the connection's
+actor.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from transport.messages import Message, WorkerInfo
 
 
 class Replies(Struct, gc=False):
-    """Responses for one connection, sent with one `sendall`; `close` closes it afterwards."""
+    """Responses for one connection, sent with one send; `close` closes it afterwards."""
 
     messages: list[Message]
     close: bool = False

@@ -2,8 +2,10 @@
 
 The six seed names are a contract (tq_tasks_total, tq_tasks_pending, tq_tasks_in_progress,
 tq_task_processing_duration_seconds, tq_workers_connected, tq_broker_queue_depth). Counters and
-histograms move at the event, from the actor that owns the event; gauges are set by the queue and
-registry actors on their maintenance timer, so a scrape never asks an actor anything.
+histograms move at the event, from the actor that owns the event, except `tq_tasks_submitted_total`:
+the queue actor adds it up and publishes it on its 10 ms tick (see QueueActor._publish_submitted).
+Gauges are set by the queue and registry actors on their maintenance timer, so a scrape never asks an
+actor anything.
 Label children are cached per queue: `.labels()` costs a dict lookup and a lock, too much per task.
 """
 

@@ -4,7 +4,8 @@ Registration (explicit, or automatic on a worker id's first HEARTBEAT or CLAIM),
 with CPU and memory, and dead-worker detection: a worker silent for 2 × `worker.heartbeat_interval_secs`
 is declared dead and the queue actor reclaims its running tasks. Requests that also need task state
 (HEARTBEAT's lease renewals, STATS, WORKERS, DEREGISTER) are passed on to the queue actor with the
-connection's reply address, so the answer still takes no blocking `ask`.
+connection's reply address (`actors.outbox.ConnectionOutbox`), so the answer still takes no blocking
+`ask`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import uuid
 from typing import Any
 
 import gevent
-import pykka
 
 from actors.envelopes import (
     CheckWorkers,
@@ -27,6 +27,7 @@ from actors.envelopes import (
     Replies,
     WorkerSeen,
 )
+from actors.hub_actor import HubActor
 from actors.metrics import BrokerMetrics
 from actors.timers import every
 from transport.messages import (
@@ -84,7 +85,7 @@ class UseQueue:
         self.queue = queue
 
 
-class WorkerRegistryActor(pykka.ThreadingActor):
+class WorkerRegistryActor(HubActor):
     def __init__(self, heartbeat_interval_s: float, check_interval_s: float, metrics: BrokerMetrics | None = None
                  ) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ from helpers import RawConn, wait_for
 from transport import messages as m
 from transport.client import Client
 from transport.errors import BadRequest, InvalidState, NotLeased, QueueFull, TooManyConnections, Unauthorized
+from transport.frames import FrameReader
 
 HEARTBEAT_S = 1.0
 BACKOFF_BASE_MS = 100
@@ -543,6 +544,35 @@ def test_a_connection_with_a_waiting_claim_is_not_closed_while_it_waits(idle_bro
         assert closed_after is not None, "idle after its claim was answered, but never closed"
     finally:
         raw.close()
+
+
+def test_a_client_that_never_reads_its_replies_is_disconnected_after_the_idle_timeout(
+    idle_broker: BrokerProcess,
+) -> None:
+    """The broker's send to it blocks once the socket buffers are full; the idle close must end that too."""
+    c = idle_broker.client()
+    for n in range(100):  # 100 queues make every STATS reply a few KiB
+        c.submit("idle.fat", queue=f"idle-fat-{n:03d}")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    try:
+        sock.connect(("127.0.0.1", idle_broker.port))
+        host, port = sock.getsockname()
+        peer = f"{host}:{port}"
+        sent = 2000  # megabytes of replies: far more than the kernel buffers hold
+        sock.sendall(b"".join(frame(STATS, id=i) for i in range(1, sent + 1)))
+        wait_for(lambda: any(f'"peer": "{peer}"' in line and "closing idle connection" in line
+                             for line in idle_broker.log().splitlines()), timeout=10.0)
+        received, reader = 0, FrameReader(1 << 28)
+        sock.settimeout(10.0)
+        try:
+            while data := sock.recv(1 << 20):
+                received += len(reader.feed(data))
+        except ConnectionResetError:
+            pass  # closed too, with a reset instead of a FIN
+        assert received < sent, f"all {sent} replies arrived: the blocked send was not cut off"
+    finally:
+        sock.close()
 
 
 # ---------------------------------------------------------------- authentication

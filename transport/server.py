@@ -88,7 +88,9 @@ class TcpServer:
         assert self.ssl_context is not None
         sock.settimeout(self.handshake_timeout_s)
         try:
-            return self.ssl_context.wrap_socket(sock, server_side=True)
+            tls = self.ssl_context.wrap_socket(sock, server_side=True)
+            tls.settimeout(None)  # past the handshake, the handler's own idle check bounds the connection
+            return tls
         except (OSError, ssl.SSLError) as exc:  # plaintext client, wrong CA, silent peer
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
             log.warning("TLS handshake failed: %s", getattr(exc, "reason", None) or exc, extra={"peer": peer})
