@@ -77,8 +77,12 @@ class Server:
 
     def rss_bytes(self) -> int:
         """RSS of the server and every process it started (tqbroker's database process included)."""
+        return sum(self.rss_parts())
+
+    def rss_parts(self) -> tuple[int, int]:
+        """(RSS of the server process, RSS of all the processes it started)."""
         root = psutil.Process(self.pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        return root.memory_info().rss, sum(p.memory_info().rss for p in root.children(recursive=True))
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.dir / "server.log"

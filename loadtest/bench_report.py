@@ -57,7 +57,9 @@ def cell(key: str, r: dict[str, Any] | None) -> str:
     if key in ("e", "f"):
         return f"p50 {ms(r['p50_ms'])}  p99 {ms(r['p99_ms'])}" + short_of_rate(r)
     if key == "g":
-        return f"{r['rss_mb']:,.0f} MB (+{r['delta_mb']:,.0f} over idle)"
+        parts = (f"; broker {r['broker_process_mb']:,.0f} + database process {r['database_process_mb']:,.0f}"
+                 if "database_process_mb" in r else "")
+        return f"{r['rss_mb']:,.0f} MB (+{r['delta_mb']:,.0f} over idle{parts})"
     if key == "h":
         text = f"{r['restart_s']:.1f} s (kill -9)"
         if "sigterm_restart_s" in r:

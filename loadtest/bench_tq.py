@@ -92,9 +92,11 @@ def rss_figure(tasks: int = G_TASKS) -> dict[str, Any]:
         prefill(broker.port, tasks)
         pending = stats(broker.port).pending
         time.sleep(1.0)
-        rss = broker.rss_bytes()
+        main, children = broker.rss_parts()
+    rss = main + children
     return {"rss_mb": rss / MB, "idle_mb": idle / MB, "delta_mb": (rss - idle) / MB, "pending": pending,
-            "bytes_per_task": (rss - idle) / max(pending, 1)}
+            "bytes_per_task": (rss - idle) / max(pending, 1), "broker_process_mb": main / MB,
+            "database_process_mb": children / MB}
 
 
 def restart_figure(tasks: int = H_TASKS) -> dict[str, Any]:
