@@ -38,7 +38,7 @@ log = logging.getLogger("tqbroker")
 
 DB_FILE = "tqbroker.duckdb"
 REPLAY_SNAPSHOT_THRESHOLD = 10_000  # WAL records replayed at start-up that call for a snapshot at once
-FINAL_SNAPSHOT_TIMEOUT_S = 3.0  # past this the stop goes on: the WAL still holds everything
+FINAL_SNAPSHOT_TIMEOUT_S = 10.0  # a million tasks take ~4-5 s; past this the stop goes on (the WAL has it all)
 
 
 class StartupError(Exception):

@@ -10,6 +10,7 @@ own), so a DuckDB crash costs a few retried batches, never the broker.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import os
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 60.0  # opening a big file and migrating it can take a while; a hung start must not
 CLOSE_TIMEOUT_S = 10.0
 REPLY_MARGIN_S = 30.0  # a read's own timeout runs in the process; this bounds a process that hangs
+PIPE_BYTES = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 DECODE_SLICE = 20_000  # tasks decoded per step when loading a snapshot, between yields to the hub
 
 _TASK = msgspec.msgpack.Decoder(Task)
@@ -59,7 +62,7 @@ class _Channel:
 
     def fail_pending(self, message: str) -> None:
         for waiter in self.pending.values():
-            waiter.set((False, ["storage", message]))
+            waiter.set((False, ["storage", message], b""))
         self.pending.clear()
 
 
@@ -95,6 +98,7 @@ class DatabaseProcess:
         proc = gevent.subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         for fd in (proc.stdin.fileno(), proc.stdout.fileno()):
             gevent.os.make_nonblocking(fd)
+            _widen_pipe(fd)
         reader = db_wire.FrameReader(proc.stdout.fileno(), gevent.os.nb_read)
         report = self._first_report(reader, proc)
         if not report[1]:
@@ -108,11 +112,12 @@ class DatabaseProcess:
         try:
             with gevent.Timeout(START_TIMEOUT_S):
                 while True:
-                    body = reader.read()
-                    if body is None:
+                    frame = reader.read()
+                    if frame is None:
                         return [db_wire.READY_ID, False,
                                 ["storage", f"database process for {self.path} exited at start "
                                             f"(status {proc.wait()}); see the log above"]]
+                    body = frame[0]
                     if body[0] != db_wire.LOG_ID:
                         return body
                     _relay_log(body)
@@ -131,15 +136,20 @@ class DatabaseProcess:
             proc.kill()
 
     def _read_replies(self, channel: _Channel) -> None:
-        while (body := channel.reader.read()) is not None:
-            if body[0] == db_wire.LOG_ID:
-                _relay_log(body)
-                continue
-            waiter = channel.pending.pop(body[0], None)
-            if waiter is not None:
-                waiter.set((body[1], body[2]))
+        while (frame := channel.reader.read()) is not None:
+            self._dispatch(channel, *frame)
+            del frame  # a snapshot's attachment is hundreds of MB: do not keep it until the next reply
         self._lost(channel, f"database process exited with status {channel.proc.wait()}")
         channel.proc.stdout.close()
+
+    @staticmethod
+    def _dispatch(channel: _Channel, body: list[Any], attachment: bytearray) -> None:
+        if body[0] == db_wire.LOG_ID:
+            _relay_log(body)
+            return
+        waiter = channel.pending.pop(body[0], None)
+        if waiter is not None:
+            waiter.set((body[1], body[2], attachment))
 
     def _lost(self, channel: _Channel, message: str) -> None:
         """The process is gone (or its pipe broke): fail its calls; the next call starts a new one."""
@@ -160,27 +170,32 @@ class DatabaseProcess:
 
     # ------------------------------------------------------------------ calls
 
-    def call(self, op: str, *args: Any, timeout: float | None = None) -> Any:
+    def call(self, op: str, *args: Any, attachment: bytes = b"", timeout: float | None = None) -> Any:
         """Runs `op` in the database process; raises its StorageError / QueryTimeout / QueryRefused."""
+        return self.call_attached(op, *args, attachment=attachment, timeout=timeout)[0]
+
+    def call_attached(self, op: str, *args: Any, attachment: bytes = b"",
+                      timeout: float | None = None) -> tuple[Any, bytearray]:
+        """`call`, also returning the reply's attachment (see storage.db_wire)."""
         if self._closed:
             raise StorageError(f"database {self.path} is closed")
         channel = self._channel or self._restart()
         request_id = next(self._ids)
         waiter = channel.pending[request_id] = gevent.event.AsyncResult()
         try:
-            channel.writer.send([request_id, op, list(args)])
-            ok, value = waiter.get(timeout=timeout)
+            channel.writer.send([request_id, op, list(args)], attachment)
+            ok, value, reply_attachment = waiter.get(timeout=timeout)
         except OSError as exc:  # EPIPE: it died before the reply greenlet saw the end of its output
             channel.proc.kill()
             self._lost(channel, f"database process is gone: {exc.strerror or exc}")
-            ok, value = False, ["storage", f"database process is gone: {exc.strerror or exc}"]
+            raise StorageError(f"database process is gone: {exc.strerror or exc}") from None
         except gevent.Timeout:
-            ok, value = False, ["storage", f"database process did not answer {op} within {timeout:g} s"]
+            raise StorageError(f"database process did not answer {op} within {timeout:g} s") from None
         finally:
             channel.pending.pop(request_id, None)
         if not ok:
             db_wire.raise_error(value)
-        return value
+        return value, reply_attachment
 
     def close(self) -> None:
         """Lets the process finish its writes and close the file (DuckDB checkpoints on close)."""
@@ -200,6 +215,15 @@ class DatabaseProcess:
                     channel.proc.wait(timeout=CLOSE_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
                     channel.proc.kill()
+
+
+def _widen_pipe(fd: int) -> None:
+    """Linux: a 1 MiB pipe instead of 64 KiB, so a 200 MB snapshot crosses in ~200 hub wake-ups, not
+    ~3,000. Best effort: the size is capped by /proc/sys/fs/pipe-max-size."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass
 
 
 def _relay_log(body: list[Any]) -> None:
@@ -250,18 +274,18 @@ class SnapshotClient:
         self._process = process
 
     def write(self, tasks_blob: bytes, counters: Counters, wal_segment: int) -> int:
-        return int(self._process.call("snapshot_write", tasks_blob, list(msgspec.structs.astuple(counters)),
-                                      wal_segment))
+        return int(self._process.call("snapshot_write", list(msgspec.structs.astuple(counters)), wal_segment,
+                                      attachment=tasks_blob))
 
     def load_latest(self) -> tuple[list[Task], Counters, int] | None:
-        loaded = self._process.call("snapshot_load")
+        loaded, blob = self._process.call_attached("snapshot_load")
         if loaded is None:
             return None
-        blob, counter_values, wal_segment = loaded
+        counter_values, wal_segment = loaded
         return decode_tasks(blob), Counters(*counter_values), int(wal_segment)
 
 
-def decode_tasks(blob: bytes) -> list[Task]:
+def decode_tasks(blob: bytes | bytearray) -> list[Task]:
     """Decodes a msgpack list of tasks in slices, letting other greenlets (/healthz) run between them:
     one call for a million tasks would hold the hub for seconds."""
     raws = _RAW_LIST.decode(blob)

@@ -37,6 +37,7 @@ from storage.snapshots import SnapshotStore
 
 _TASKS = msgspec.msgpack.Decoder(list[Task])
 _PR_SET_PDEATHSIG = 1
+_TAKE_ATTACHMENT = frozenset({"snapshot_write"})
 _HANDLER_THREADS = 8  # requests in progress at once: more wait in the pool's queue
 
 
@@ -75,7 +76,7 @@ class DatabaseServer:
             "snapshot_load": self._snapshot_load,
         }
 
-    def handle(self, request: list[Any]) -> None:
+    def handle(self, request: list[Any], attachment: bytearray) -> None:
         request_id, op, args = request
         try:
             if op == "close":
@@ -83,11 +84,14 @@ class DatabaseServer:
                 self.db.close()
                 value = None
             else:
-                value = self._ops[op](*args)
-            reply = [request_id, True, value]
+                value = self._ops[op](*args, *([attachment] if op in _TAKE_ATTACHMENT else []))
         except Exception as exc:  # every failure goes back to the caller as [kind, message]
-            reply = [request_id, False, db_wire.error_value(exc)]
-        self.send(reply)
+            self.send([request_id, False, db_wire.error_value(exc)])
+            return
+        if isinstance(value, db_wire.Attached):
+            self.send([request_id, True, value.value], value.attachment)
+        else:
+            self.send([request_id, True, value])
 
     def _get(self, task_id: str) -> bytes | None:
         task = self.history.get(task_id)
@@ -97,16 +101,15 @@ class DatabaseServer:
         result = self.history.query_result(sql, timeout)
         return [result.columns, result.rows, result.truncated]
 
-    def _snapshot_write(self, blob: bytes, counter_values: list[int], wal_segment: int) -> int:
-        counters = Counters(*counter_values)
-        return self.snapshots.write(blob, counters, wal_segment)
+    def _snapshot_write(self, counter_values: list[int], wal_segment: int, blob: bytearray) -> int:
+        return self.snapshots.write(blob, Counters(*counter_values), wal_segment)
 
-    def _snapshot_load(self) -> list[Any] | None:
-        loaded = self.snapshots.load_latest()
+    def _snapshot_load(self) -> db_wire.Attached | None:
+        loaded = self.snapshots.load_latest_blob()
         if loaded is None:
             return None
-        tasks, counters, wal_segment = loaded
-        return [msgspec.msgpack.encode(tasks), list(msgspec.structs.astuple(counters)), wal_segment]
+        blob, counters, wal_segment = loaded
+        return db_wire.Attached([list(msgspec.structs.astuple(counters)), wal_segment], blob)
 
 
 def _die_with_parent() -> None:
@@ -134,8 +137,9 @@ def serve(args: argparse.Namespace) -> int:
     out.send([db_wire.READY_ID, True, os.getpid()])
     reader = db_wire.FrameReader(in_fd)
     with ThreadPoolExecutor(_HANDLER_THREADS, thread_name_prefix="request") as pool:
-        while not server.closing and (request := reader.read()) is not None:  # None: the broker hung up
-            pool.submit(server.handle, request)
+        while not server.closing and (frame := reader.read()) is not None:  # None: the broker hung up
+            pool.submit(server.handle, *frame)
+            del frame  # the pool holds it while it is needed; a snapshot's blob must not outlive that
     if not server.closing:
         db.close()
     return 0

@@ -1,7 +1,9 @@
 """The pipe between the broker and its database process: framing, operation names, error kinds.
 
-A frame is an 8-byte big-endian length and a msgpack body (8 bytes: a snapshot of a million large
-tasks can pass 4 GiB). Requests are `[id, op, args]`; replies `[id, ok, value]`, where a failed reply's
+A frame is two 8-byte big-endian lengths (body, attachment), a msgpack body and the attachment: raw
+bytes that travel beside the body instead of inside it, so a snapshot's task blob (hundreds of MB for
+a million tasks) is never copied into a msgpack buffer on either side (8-byte lengths: such a blob
+can pass 4 GiB). Requests are `[id, op, args]`; replies `[id, ok, value]`, where a failed reply's
 value is `[kind, message]`. Id 0 is the process's start-up report, `LOG_ID` a log record
 `[levelno, logger, message]` the broker re-emits in its own log format.
 
@@ -23,7 +25,7 @@ import msgspec
 
 from storage.errors import QueryRefused, QueryTimeout, StorageError
 
-LENGTH = struct.Struct(">Q")
+HEAD = struct.Struct(">QQ")
 READY_ID = 0
 LOG_ID = -1
 MAX_CHUNK = 1 << 20  # bytes per write() call: bounds how long one cooperative write holds the hub
@@ -38,10 +40,11 @@ _KIND_OF = {cls: kind for kind, cls in ERROR_KINDS.items()}
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode(body: Any) -> bytes:
-    """One frame: length, then msgpack."""
-    payload = _encoder.encode(body)
-    return LENGTH.pack(len(payload)) + payload
+class Attached(msgspec.Struct, gc=False):
+    """A reply value with raw bytes that travel beside it as the frame's attachment."""
+
+    value: Any
+    attachment: bytes | bytearray
 
 
 def error_value(exc: BaseException) -> list[str]:
@@ -67,12 +70,17 @@ class FrameWriter:
         self._write = write
         self._lock = lock if lock is not None else threading.Lock()
 
-    def send(self, body: Any) -> None:
-        frame = encode(body)
+    def send(self, body: Any, attachment: bytes | bytearray = b"") -> None:
+        payload = _encoder.encode(body)
         with self._lock:
-            view = memoryview(frame)
-            while view:
-                view = view[self._write(self.fd, view[:MAX_CHUNK]):]
+            self._write_all(HEAD.pack(len(payload), len(attachment)) + payload)
+            if attachment:
+                self._write_all(attachment)
+
+    def _write_all(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._write(self.fd, view[:MAX_CHUNK]):]
 
 
 class FrameReader:
@@ -91,12 +99,28 @@ class FrameReader:
             self._buffer += chunk
         return True
 
-    def read(self) -> Any | None:
-        if not self._fill(LENGTH.size):
+    def read(self) -> tuple[Any, bytearray] | None:
+        """(body, attachment) of the next frame, or None at end of file (also mid-frame)."""
+        if not self._fill(HEAD.size):
             return None
-        (length,) = LENGTH.unpack_from(self._buffer)
-        if not self._fill(LENGTH.size + length):
+        length, attachment_length = HEAD.unpack_from(self._buffer)
+        if not self._fill(HEAD.size + length):
             return None
-        body = bytes(memoryview(self._buffer)[LENGTH.size:LENGTH.size + length])
-        del self._buffer[:LENGTH.size + length]
-        return msgspec.msgpack.decode(body)
+        body = msgspec.msgpack.decode(memoryview(self._buffer)[HEAD.size:HEAD.size + length])
+        del self._buffer[:HEAD.size + length]
+        attachment = self._read_attachment(attachment_length)
+        return None if attachment is None else (body, attachment)
+
+    def _read_attachment(self, size: int) -> bytearray | None:
+        """Reads `size` bytes into one buffer allocated once (no growing copies of a big blob)."""
+        attachment = bytearray(size)
+        have = min(size, len(self._buffer))
+        attachment[:have] = self._buffer[:have]
+        del self._buffer[:have]
+        while have < size:
+            chunk = self._read(self.fd, min(size - have, 1 << 20))
+            if not chunk:
+                return None
+            attachment[have:have + len(chunk)] = chunk
+            have += len(chunk)
+        return attachment

@@ -34,6 +34,7 @@ _SLICE_ROWS = 20_000  # decode+append this many tasks per step: bounds GIL hold 
 
 _RAW_LIST = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _TASK = msgspec.msgpack.Decoder(Task)
+_ENCODER = msgspec.msgpack.Encoder()
 
 _INSERT_SNAPSHOT = (
     "INSERT INTO snapshots (snapshot_id, format_version, created_at, wal_segment, "
@@ -53,7 +54,7 @@ class SnapshotStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def write(self, tasks_blob: bytes, counters: Counters, wal_segment: int) -> int:
+    def write(self, tasks_blob: bytes | bytearray, counters: Counters, wal_segment: int) -> int:
         """Stores the tasks in `tasks_blob` (msgpack of list[Task]) as the only snapshot; returns its id.
 
         Runs on the writer thread; the older snapshot is deleted in the same transaction.
@@ -64,6 +65,11 @@ class SnapshotStore:
     def load_latest(self) -> tuple[list[Task], Counters, int] | None:
         """(tasks, counters, wal_segment) of the newest snapshot, or None if there is none."""
         return self._db.run_read(_load_latest)
+
+    def load_latest_blob(self) -> tuple[bytearray, Counters, int] | None:
+        """`load_latest` with the tasks as one msgpack array (what the database process sends the
+        broker), built row slice by row slice: a million Task objects never exist here at once."""
+        return self._db.run_read(_load_latest_blob)
 
 
 def _write_snapshot(
@@ -93,7 +99,8 @@ def _append_tasks(conn: duckdb.DuckDBPyConnection, snapshot_id: int, raws: list[
         appender.flush()
 
 
-def _load_latest(cursor: duckdb.DuckDBPyConnection) -> tuple[list[Task], Counters, int] | None:
+def _latest_head(cursor: duckdb.DuckDBPyConnection) -> tuple[int, int, int, Counters] | None:
+    """(snapshot_id, wal_segment, task_count, counters) of the newest readable snapshot."""
     head = fetch_one(cursor, _LATEST)
     if head is None:
         return None
@@ -103,11 +110,48 @@ def _load_latest(cursor: duckdb.DuckDBPyConnection) -> tuple[list[Task], Counter
             f"snapshot {snapshot_id} has format version {format_version}; this broker reads "
             f"{sorted(_READABLE_FORMATS)} (run a newer broker)"
         )
-    tasks = _fetch_tasks(cursor, snapshot_id)
-    if len(tasks) != task_count:
-        raise StorageError(f"snapshot {snapshot_id} should hold {task_count} tasks but holds {len(tasks)}")
     counters = Counters(**dict(zip(_COUNTER_FIELDS, counter_values, strict=True)))
-    return tasks, counters, int(wal_segment)
+    return int(snapshot_id), int(wal_segment), int(task_count), counters
+
+
+def _check_count(snapshot_id: int, expected: int, found: int) -> None:
+    if found != expected:
+        raise StorageError(f"snapshot {snapshot_id} should hold {expected} tasks but holds {found}")
+
+
+def _load_latest(cursor: duckdb.DuckDBPyConnection) -> tuple[list[Task], Counters, int] | None:
+    head = _latest_head(cursor)
+    if head is None:
+        return None
+    snapshot_id, wal_segment, task_count, counters = head
+    tasks = _fetch_tasks(cursor, snapshot_id)
+    _check_count(snapshot_id, task_count, len(tasks))
+    return tasks, counters, wal_segment
+
+
+def _load_latest_blob(cursor: duckdb.DuckDBPyConnection) -> tuple[bytearray, Counters, int] | None:
+    head = _latest_head(cursor)
+    if head is None:
+        return None
+    snapshot_id, wal_segment, task_count, counters = head
+    blob = bytearray(_array_header(task_count))
+    encode_into, found = _ENCODER.encode_into, 0
+    result = cursor.execute(_LOAD_TASKS, [snapshot_id])
+    while rows := result.fetchmany(_SLICE_ROWS):
+        for row in rows:
+            encode_into(Task(*row), blob, -1)
+        found += len(rows)
+    _check_count(snapshot_id, task_count, found)
+    return blob, counters, wal_segment
+
+
+def _array_header(count: int) -> bytes:
+    """The msgpack header of an array of `count` elements (fixarray, array 16 or array 32)."""
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
 
 
 def _fetch_tasks(cursor: duckdb.DuckDBPyConnection, snapshot_id: int) -> list[Task]:

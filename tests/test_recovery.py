@@ -231,3 +231,14 @@ def test_a_failed_snapshot_write_leaves_the_previous_snapshot_whole(db: Database
     assert loaded is not None and len(loaded[0]) == 5 and loaded[2] == 2
     rows = db.run_read(lambda cur: cur.execute("SELECT count(*) FROM snapshot_tasks").fetchall())
     assert rows == [(5,)]
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 65_535, 65_536])
+def test_the_streamed_snapshot_blob_decodes_to_the_same_tasks(db: Database, count: int) -> None:
+    tasks = [new_task(i) for i in range(count)]
+    SnapshotStore(db).write(msgspec.msgpack.encode(tasks), Counters(submitted_total=count), 2)
+    loaded = SnapshotStore(db).load_latest_blob()
+    assert loaded is not None
+    blob, counters, segment = loaded
+    assert msgspec.msgpack.decode(blob, type=list[Task]) == tasks
+    assert (counters, segment) == (Counters(submitted_total=count), 2)
