@@ -34,10 +34,10 @@ from storage.model import Counters, Task
 log = logging.getLogger("tqbroker.storage")
 
 ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 60.0  # opening a big file and migrating it can take a while; a hung start must not
+START_TIMEOUT_S = 60.0  # opening and migrating a big file takes a while; a hung start must still end
 CLOSE_TIMEOUT_S = 10.0
 REPLY_MARGIN_S = 30.0  # a read's own timeout runs in the process; this bounds a process that hangs
-PIPE_BYTES = 1 << 20
+PIPE_BYTES = 1 << 20  # see _widen_pipe
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 DECODE_SLICE = 20_000  # tasks decoded per step when loading a snapshot, between yields to the hub
 
