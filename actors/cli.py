@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None, offline_query: OfflineQuery | None = Non
     try:
         COMMANDS[args.command](args, offline_query)
         return 0
+    except BrokenPipeError:  # `... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except CliError as exc:
         message = str(exc)
     except BrokerUnreachable as exc:

@@ -188,6 +188,19 @@ def test_sql_with_the_broker_running_prints_a_table_json_or_csv(sql_broker: Brok
     assert {r[0]: r[1] for r in rows[1:]} == {k: v[0] for k, v in expected.items()}
 
 
+def test_sql_piped_into_a_reader_that_stops_early_exits_quietly(sql_broker: BrokerProcess) -> None:
+    """`sql ... | head -1`: the closed pipe ends the command with status 0 and no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQ_")}
+    env.update({"PYTHONPATH": str(ROOT), "TQ_BROKER__PORT": str(sql_broker.port)})
+    cli = subprocess.Popen([sys.executable, "-m", "actors", "sql", "SELECT repeat('x', 100) AS n FROM range(10000)"],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert cli.stdout is not None and cli.stderr is not None
+    assert cli.stdout.readline().split() == [b"n"]
+    cli.stdout.close()  # like `head -1` exiting: the rest of the 10,000 rows hit a closed pipe
+    assert cli.wait(timeout=60) == 0
+    assert b"Traceback" not in cli.stderr.read()
+
+
 def test_sql_refusing_a_write_with_the_broker_running_exits_1_with_one_error_line(sql_broker: BrokerProcess) -> None:
     result = run_cli(sql_broker, "DELETE FROM task_history")
     assert result.returncode == 1
