@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from actors import task_states as states
-from actors.task_index import TaskIndex
+from actors.task_index import STALE_SLACK, TaskIndex
 from storage.model import Counters, TaskState, apply_record
 from transport.messages import TaskSpec
 
@@ -137,3 +137,42 @@ def test_task_ids_are_unique():
     other = states.TaskIds()
     generated = {ids.next() for _ in range(10_000)} | {other.next() for _ in range(10_000)}
     assert len(generated) == 20_000
+
+
+def finish(index: TaskIndex, task_id: str, how: str = "complete") -> None:
+    task = index.tasks[task_id]
+    index.leave(task)
+    record = states.complete(task, b"r", 1001.0) if how == "complete" else states.cancel(task, 1001.0)
+    apply_record(record, index.tasks, Counters())
+    index.forget(task)
+
+
+def test_finished_tasks_do_not_stay_in_the_lease_heap_until_their_lease_would_expire():
+    index = TaskIndex()
+    for seq in range(20_000):
+        submit(index, seq)
+        claim_ids(index, ["default"], 1)
+        finish(index, f"t{seq}")
+    assert index.running_total == 0 and not index.tasks
+    assert index.heap_entries() <= 2 * STALE_SLACK + 1  # not 20,000 finished tasks held by stale entries
+
+
+def test_a_lease_still_expires_after_its_heap_was_rebuilt():
+    index = TaskIndex()
+    submit(index, 0)
+    claim_ids(index, ["default"], 1)  # lease expires at 1000 + 30 s
+    for seq in range(1, 5_000):
+        submit(index, seq)
+        claim_ids(index, ["default"], 1)
+        finish(index, f"t{seq}")
+    assert [t.task_id for t in index.expired_leases(1031.0)] == ["t0"]
+
+
+def test_cancelled_scheduled_tasks_do_not_pile_up_until_their_run_at():
+    index = TaskIndex()
+    for seq in range(10_000):
+        submit(index, seq, run_at=10_000_000.0)  # far in the future
+        finish(index, f"t{seq}", how="cancel")
+    submit(index, 10_000, run_at=1_500.0)
+    assert index.heap_entries() <= 2 * STALE_SLACK + 2
+    assert [t.task_id for t in index.due_scheduled(2_000.0)] == ["t10000"]
