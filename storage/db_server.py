@@ -7,12 +7,13 @@ waiting worker at 1,000 tasks/s), that wait was the whole p99: 1.8-2.1 ms with h
 without. Here the same code (storage.database, history, snapshots) runs unchanged in another
 interpreter, so its GIL is not the broker's.
 
-    python -m storage.db_server PATH [--read-only] [--memory-limit 256MB] [--threads 1]
+    python -m storage.db_server PATH [--read-only] [--memory-limit 256MB] [--threads 1] [--log-level INFO]
 
 Requests arrive on stdin, replies leave on stdout (storage.db_wire). Each request runs on a thread of
 a small pool (DuckDB's own writer and reader threads sit behind it, see storage.database), so a long
-QUERY never holds up a history write. No gevent here: it would only add memory. The process dies with the broker
-(PR_SET_PDEATHSIG), and stops when stdin closes or on the `close` request.
+QUERY never holds up a history write. No gevent here: it would only add memory. The `close` request
+closes the database; the process exits when the broker closes its stdin, and dies with the broker
+(PR_SET_PDEATHSIG) if that never happens.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Any
 import msgspec
 
 from storage import db_wire
-from storage.database import Database, StorageError
+from storage.database import Database
+from storage.errors import StorageError
 from storage.history import TaskHistory
 from storage.model import Counters, Task
 from storage.snapshots import SnapshotStore
