@@ -13,16 +13,18 @@ import argparse
 import base64
 import csv
 import datetime as dt
+import difflib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from transport.client import Client
+from transport.client_settings import ClientSettings, ClientSettingsError
 from transport.errors import (
     BrokerError,
     BrokerUnreachable,
@@ -34,7 +36,7 @@ from transport.errors import (
 )
 from transport.messages import priority_tier
 
-OfflineQuery = Callable[[str], tuple[list[str], list[list[Any]]]]
+OfflineQuery = Callable[[str, str | None], tuple[list[str], list[list[Any]]]]  # (sql, data_dir or None)
 
 
 class CliError(Exception):
@@ -133,8 +135,7 @@ def _print_json(value: Any) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.host, args.port, api_key=args.api_key, timeout=args.timeout, client_name="tqbroker-cli",
-                  tls=args.tls or bool(args.ca_file), ca_file=args.ca_file)
+    return args.settings.client(timeout=args.timeout, client_name="tqbroker-cli")
 
 
 def cmd_stats(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
@@ -201,9 +202,21 @@ def cmd_submit(args: argparse.Namespace, offline_query: OfflineQuery | None) -> 
     with _client(args) as client:
         sub = client.submit(args.kind, payload, queue=args.queue, priority=args.priority, run_at=run_at,
                             max_retries=args.max_retries, unique_key=args.unique_key)
+        _warn_if_unserved(client, args.queue)
     if args.json:
         return _print_json({"task_id": sub.task_id, "duplicate": sub.duplicate})
     print(_key_values([("task_id", sub.task_id), ("duplicate", sub.duplicate)]))
+
+
+def _warn_if_unserved(client: Client, queue: str) -> None:
+    """One warning line on stderr when no live registered worker serves `queue` (the task waits)."""
+    try:
+        workers = client.workers()
+    except (BrokerError, ClientError, RequestTimeout):
+        return  # only a hint: the submit itself succeeded
+    if not any(w.alive and queue in w.queues for w in workers):
+        print(f"warning: no live worker serves queue {queue!r}; the task waits until one does "
+              f"(`tqbroker worker MODULE --queues {queue}`, or check `tqbroker workers`)", file=sys.stderr)
 
 
 def cmd_sql(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
@@ -215,7 +228,7 @@ def cmd_sql(args: argparse.Namespace, offline_query: OfflineQuery | None) -> Non
             raise
         print(f"note: {exc}; reading the history file instead", file=sys.stderr)
         try:
-            columns, rows = offline_query(args.query)
+            columns, rows = offline_query(args.query, args.data_dir)
         except Exception as offline_exc:  # no file, locked, refused, timed out: each already one line
             raise CliError(getattr(offline_exc, "message", None) or str(offline_exc)) from None
     if args.json:
@@ -227,12 +240,6 @@ def cmd_sql(args: argparse.Namespace, offline_query: OfflineQuery | None) -> Non
         return None
     print(format_table(columns, rows))
     print(f"({len(rows)} row{'' if len(rows) == 1 else 's'})")
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace, OfflineQuery | None], None]] = {
-    "stats": cmd_stats, "workers": cmd_workers, "status": cmd_status, "cancel": cmd_cancel,
-    "submit": cmd_submit, "sql": cmd_sql,
-}
 
 
 # ---------------------------------------------------------------- arguments
@@ -255,52 +262,98 @@ def _priority(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"{text!r} is not high, normal, low or a number 0-255")
 
 
-def _add_common(parser: argparse.ArgumentParser, env: Mapping[str, str], suppress: bool) -> None:
+def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """The connection flags. Sub-commands get copies defaulting to SUPPRESS so that a flag given before
-    the sub-command is not overwritten by the sub-command's default."""
+    the sub-command is not overwritten by the sub-command's default. Unset connection flags are filled
+    in by `ClientSettings.resolve` (environment, then defaults)."""
 
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--host", default=default(env.get("TQ_BROKER__HOST", "127.0.0.1")),
-                        help="broker host (env TQ_BROKER__HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=default(env.get("TQ_BROKER__PORT", "6379")),
+    parser.add_argument("--host", default=default(None), help="broker host (env TQ_BROKER__HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=default(None),
                         help="broker port (env TQ_BROKER__PORT, default 6379)")
-    parser.add_argument("--api-key", default=default(env.get("TQ_API_KEY")), help="API key (env TQ_API_KEY)")
-    parser.add_argument("--tls", action="store_true", default=default(bool(env.get("TQ_TLS_CA"))),
-                        help="connect with TLS (implied by TQ_TLS_CA)")
-    parser.add_argument("--ca-file", default=default(env.get("TQ_TLS_CA")),
+    parser.add_argument("--api-key", default=default(None), help="API key (env TQ_API_KEY)")
+    parser.add_argument("--tls", action="store_true", default=default(False),
+                        help="connect with TLS (implied by --ca-file or TQ_TLS_CA)")
+    parser.add_argument("--ca-file", default=default(None), metavar="FILE",
                         help="CA certificate to verify the broker with (env TQ_TLS_CA)")
     parser.add_argument("--json", action="store_true", default=default(False), help="machine-readable output")
-    parser.add_argument("--timeout", type=float, default=default(10.0), help="seconds to wait for a reply")
+    parser.add_argument("--timeout", type=float, default=default(10.0), metavar="SECONDS",
+                        help="seconds to wait for a reply (default 10)")
 
 
-def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    """The argument parser; `env` (default os.environ) supplies the connection defaults."""
-    env = os.environ if env is None else env
+def _task_id_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task_id", metavar="TASK_ID", help="the id SUBMIT returned (see `submit` or `sql`)")
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", metavar="KIND", help="task kind a worker serves, e.g. billing.tasks.send_email")
+    p.add_argument("--payload", type=_json_value, default=_NO_PAYLOAD, metavar="JSON",
+                   help="JSON value, sent MessagePack-encoded (default: empty payload)")
+    p.add_argument("--queue", default="default", help="queue to submit to (default: default)")
+    p.add_argument("--priority", type=_priority, default="normal", metavar="P",
+                   help="high, normal, low or 0-255 (default normal)")
+    p.add_argument("--delay", type=float, metavar="SECONDS", help="run no earlier than this from now")
+    p.add_argument("--max-retries", type=int, metavar="N",
+                   help="failed attempts allowed after the first (default broker.default_max_retries)")
+    p.add_argument("--unique-key", metavar="K",
+                   help="while an unfinished task in the queue has this key, return its id instead")
+
+
+def _sql_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", metavar="SQL", help="one read-only SELECT over the task_history table")
+    p.add_argument("--csv", action="store_true", help="CSV output")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="with the broker stopped, read the history file in DIR (default persistence.data_dir, "
+                        "env TQ_PERSISTENCE__DATA_DIR)")
+
+
+def _no_args(p: argparse.ArgumentParser) -> None:
+    """A command without arguments of its own (the connection flags only)."""
+
+
+class Command(NamedTuple):
+    """One CLI command: its one-line help, its handler and the function adding its own arguments."""
+
+    help: str
+    handler: Callable[[argparse.Namespace, OfflineQuery | None], None]
+    arguments: Callable[[argparse.ArgumentParser], None] = _no_args
+
+
+# Adding a command is one entry here (plus its handler).
+COMMANDS: dict[str, Command] = {
+    "stats": Command("queue depths, totals and uptime", cmd_stats),
+    "workers": Command("registered workers: liveness, load, running tasks", cmd_workers),
+    "status": Command("one task's state, attempts, result or error", cmd_status, _task_id_args),
+    "cancel": Command("cancel a pending or scheduled task", cmd_cancel, _task_id_args),
+    "submit": Command("submit one task", cmd_submit, _submit_args),
+    "sql": Command("read-only SQL over the task history (works with the broker stopped)", cmd_sql, _sql_args),
+}
+
+
+def unknown_command(word: str, commands: Sequence[str]) -> str:
+    """The error for a command that does not exist: a suggestion when one is close, and the full list."""
+    close = difflib.get_close_matches(word, commands, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown command {word!r}{hint} commands: {', '.join(commands)} (see `tqbroker --help`)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the operator commands, built from COMMANDS."""
     parser = argparse.ArgumentParser(prog="tqbroker", description="Inspect and drive a tqbroker broker.")
-    _add_common(parser, env, suppress=False)
+    _add_common(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
-    _add_common(common, env, suppress=True)
+    _add_common(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("stats", parents=[common], help="queue depths and totals")
-    sub.add_parser("workers", parents=[common], help="registered workers")
-    for name, text in (("status", "one task's state"), ("cancel", "cancel a pending or scheduled task")):
-        sub.add_parser(name, parents=[common], help=text).add_argument("task_id", metavar="TASK_ID")
-    submit = sub.add_parser("submit", parents=[common], help="submit one task")
-    submit.add_argument("kind", metavar="KIND")
-    submit.add_argument("--payload", type=_json_value, default=_NO_PAYLOAD, metavar="JSON",
-                        help="JSON value, sent MessagePack-encoded")
-    submit.add_argument("--queue", default="default")
-    submit.add_argument("--priority", type=_priority, default="normal", metavar="P",
-                        help="high, normal, low or 0-255")
-    submit.add_argument("--delay", type=float, metavar="SECONDS", help="run no earlier than this from now")
-    submit.add_argument("--max-retries", type=int, metavar="N")
-    submit.add_argument("--unique-key", metavar="K")
-    sql = sub.add_parser("sql", parents=[common], help="read-only SQL over the task history")
-    sql.add_argument("query", metavar="SQL")
-    sql.add_argument("--csv", action="store_true", help="CSV output")
+    for name, command in COMMANDS.items():
+        command.arguments(sub.add_parser(name, parents=[common], help=command.help, description=command.help))
     return parser
+
+
+def client_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ClientSettings:
+    """Where to find the broker: the connection flags, then `env` (default os.environ), then defaults."""
+    return ClientSettings.resolve(args.host, args.port, args.api_key, args.tls, args.ca_file, env=env)
 
 
 def main(argv: list[str] | None = None, offline_query: OfflineQuery | None = None) -> int:
@@ -310,10 +363,15 @@ def main(argv: list[str] | None = None, offline_query: OfflineQuery | None = Non
         args = parser.parse_args(argv)
         if getattr(args, "csv", False) and args.json:
             parser.error("--json and --csv cannot be used together")
+        try:
+            args.settings = client_settings(args)
+        except ClientSettingsError as exc:
+            parser.error(str(exc))
     except SystemExit as exc:  # argparse already printed usage and the problem
         return exc.code if isinstance(exc.code, int) else 2
+    address = args.settings.address
     try:
-        COMMANDS[args.command](args, offline_query)
+        COMMANDS[args.command].handler(args, offline_query)
         return 0
     except BrokenPipeError:  # `... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
@@ -323,11 +381,11 @@ def main(argv: list[str] | None = None, offline_query: OfflineQuery | None = Non
     except BrokerUnreachable as exc:
         message = str(exc)
     except RequestTimeout:
-        message = f"no reply from the broker at {args.host}:{args.port} within {args.timeout:g}s"
+        message = f"no reply from the broker at {address} within {args.timeout:g}s"
     except ConnectionLost as exc:
-        message = f"connection to the broker at {args.host}:{args.port} lost: {exc}"
+        message = f"connection to the broker at {address} lost: {exc}"
     except ClientError as exc:
-        message = f"unexpected reply from the broker at {args.host}:{args.port}: {exc}"
+        message = f"unexpected reply from the broker at {address}: {exc}"
     except BrokerError as exc:
         message = f"{exc.message} ({exc.code})"
     print("error: " + " ".join(message.split()), file=sys.stderr)

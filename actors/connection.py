@@ -24,6 +24,7 @@ from actors.context import BrokerContext
 from actors.envelopes import ConnectionClosed, QueueRequests, RegistryRequest, Replies
 from actors.hub_actor import HubActor
 from actors.outbox import MAX_IN_FLIGHT, ConnectionOutbox, ConnectionState, Unsent
+from transport.connection import RECV_BYTES
 from transport.frames import FrameError, FrameReader, decode_request, encode_frame
 from transport.messages import (
     Cancel,
@@ -48,7 +49,6 @@ from transport.messages import (
 
 log = logging.getLogger("tqbroker.connection")
 
-RECV_BYTES = 64 * 1024  # under glibc's mmap threshold, so a read costs no mmap+munmap
 _QUEUE_REQUESTS = (Submit, SubmitBatch, Claim, Result, Status, Cancel)
 _REGISTRY_REQUESTS = (Register, Deregister, Heartbeat, Stats, Workers)
 

@@ -1,4 +1,4 @@
-"""The command line: `python -m actors [broker flags]`, or a subcommand (worker, sql, stats, ...).
+"""The command line: `tqbroker [broker flags]` (also `python -m actors`), or a command (worker, sql, ...).
 
 The broker itself runs here: settings are loaded (file < environment < flags), a bad one exits with
 status 2 and one line naming the key, a busy port with status 1, and SIGTERM/SIGINT stop it cleanly.
@@ -17,24 +17,36 @@ import gevent.event
 
 from config.settings import ConfigError, Settings, load_settings, settings_summary
 
-CLIENT_COMMANDS = {"stats", "workers", "status", "cancel", "submit", "sql"}
+WORKER_HELP = "run the @task functions of Python modules, claiming their tasks from the broker"
 
 log = logging.getLogger("tqbroker")
 
 
+def command_lines() -> list[tuple[str, str]]:
+    """Every command with its one-line help, in the order `tqbroker --help` lists them."""
+    from actors.cli import COMMANDS
+
+    return [("worker", WORKER_HELP), *((name, command.help) for name, command in COMMANDS.items())]
+
+
 def broker_parser() -> argparse.ArgumentParser:
+    lines = command_lines()
+    width = max(len(name) for name, _ in lines)
     parser = argparse.ArgumentParser(
-        prog="python -m actors",
+        prog="tqbroker",
+        usage="tqbroker [broker flags]\n       tqbroker COMMAND [arguments]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="tqbroker: a durable task-queue broker. Without a command, runs the broker.",
-        epilog="commands: worker MODULE... (run tasks), sql QUERY, stats, workers, status ID, cancel ID, "
-               "submit KIND; see `python -m actors COMMAND --help`. Every setting can also be set with "
-               "TQ_<SECTION>__<KEY>, e.g. TQ_BROKER__PORT=7000.",
+        epilog="commands:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in lines)
+               + "\n\nSee `tqbroker COMMAND --help`. Every setting can also be set with TQ_<SECTION>__<KEY>,"
+                 "\ne.g. TQ_BROKER__PORT=7000. `python -m actors` is the same program.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file overriding config/default.yaml")
     parser.add_argument("--host", help="address to listen on (broker.host, default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="TCP port of the protocol (broker.port, default 6379)")
-    parser.add_argument("--data-dir", help="where the WAL and DuckDB live (persistence.data_dir, default ./data)")
-    parser.add_argument("--log-level", help="debug, info, warning, error (monitoring.log_level)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="where the WAL and DuckDB live (persistence.data_dir, default ./data)")
+    parser.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error (monitoring.log_level)")
     return parser
 
 
@@ -47,14 +59,19 @@ def load_broker_settings(argv: list[str]) -> Settings:
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in CLIENT_COMMANDS:
-        from actors.cli import main as cli_main
-
-        return cli_main(argv, offline_query=_offline_query)
+    """Run the broker, or the command named by argv[0]; the exit status (2: bad usage)."""
     if argv and argv[0] == "worker":
         from actors.worker.runner import main as worker_main
 
         return worker_main(argv[1:])
+    if argv and not argv[0].startswith("-"):
+        from actors.cli import COMMANDS, unknown_command
+        from actors.cli import main as cli_main
+
+        if argv[0] in COMMANDS:
+            return cli_main(argv, offline_query=_offline_query)
+        print(f"tqbroker: {unknown_command(argv[0], [name for name, _ in command_lines()])}", file=sys.stderr)
+        return 2
     try:
         settings = load_broker_settings(argv)
     except ConfigError as exc:
@@ -90,18 +107,20 @@ def run_broker(settings: Settings) -> int:
     return 0
 
 
-def _offline_query(sql: str) -> tuple[list[str], list[list[object]]]:
-    """`sql` with the broker stopped: open the DuckDB file read-only in a database process of our own
-    (a real thread there can be interrupted at api.query_timeout_secs; a patched one here could not)."""
+def _offline_query(sql: str, data_dir: str | None = None) -> tuple[list[str], list[list[object]]]:
+    """`sql` with the broker stopped: open the DuckDB file of `data_dir` (default persistence.data_dir)
+    read-only in a database process of our own (a real thread there can be interrupted at
+    api.query_timeout_secs; a patched one here could not)."""
     from pathlib import Path
 
     from actors.system import DB_FILE
     from storage.db_process import DatabaseProcess
 
-    settings = load_settings()
+    settings = load_settings(overrides={"persistence.data_dir": data_dir})
     path = Path(settings.persistence.data_dir) / DB_FILE
     if not path.exists():
-        raise FileNotFoundError(f"no history database at {path} (persistence.data_dir)")
+        raise FileNotFoundError(f"no history database at {path}; pass --data-dir DIR (or set "
+                                "TQ_PERSISTENCE__DATA_DIR) to the broker's data directory")
     db = DatabaseProcess(path, read_only=True)
     try:
         return db.history.query(sql, timeout=settings.api.query_timeout_secs)

@@ -245,6 +245,7 @@ class QueueActor(HubActor):
             assignments.append(Assignment(
                 task_id=task.task_id, queue=task.queue, kind=task.kind, payload=task.payload,
                 priority=task.priority, attempt=task.attempts, lease_expires_at=task.lease_expires_at or now,
+                max_retries=task.max_retries,
             ))
         return assignments
 

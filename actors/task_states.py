@@ -26,6 +26,7 @@ import sys
 import time
 
 from storage.model import Task, TaskChanged, TaskFinished, TaskState, TaskSubmitted
+from transport.backoff import backoff_delay
 from transport.messages import TaskSpec, priority_value
 
 
@@ -111,7 +112,7 @@ def complete(task: Task, result: bytes | None, now: float) -> TaskFinished:
 
 def retry_delay_ms(attempts: int, base_ms: int, max_ms: int, rng: random.Random | None = None) -> float:
     """min(base × 2^(attempts-1), max) with ±20 % jitter, so retries of a burst spread out."""
-    delay = min(base_ms * 2 ** max(attempts - 1, 0), max_ms)
+    delay = backoff_delay(attempts, base_ms, max_ms)
     return delay * (rng or random).uniform(0.8, 1.2)
 
 

@@ -12,9 +12,16 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from msgspec import Meta, Struct
 
+QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]+\Z"  # with 1..MAX_QUEUE_NAME characters (docs/protocol.md)
+MAX_QUEUE_NAME = 200
+# The largest `result` a RESULT may carry: the default broker.max_frame_bytes (16 MiB,
+# transport.frames.DEFAULT_MAX_FRAME_BYTES) less 64 KiB for the other fields. Workers fail a task whose
+# result is bigger instead of sending a frame the broker would refuse (and they would resend for ever).
+MAX_RESULT_BYTES = 16 * 1024 * 1024 - 64 * 1024
+
 U32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
 Text200 = Annotated[str, Meta(min_length=1, max_length=200)]
-QueueName = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+\Z")]
+QueueName = Annotated[str, Meta(min_length=1, max_length=MAX_QUEUE_NAME, pattern=QUEUE_NAME_PATTERN)]
 TaskId = Annotated[str, Meta(min_length=1, max_length=200)]
 WorkerId = Annotated[str, Meta(min_length=1, max_length=200)]
 PriorityName = Literal["high", "normal", "low"]
@@ -67,6 +74,7 @@ class Assignment(Struct, frozen=True):
     priority: int
     attempt: int
     lease_expires_at: float
+    max_retries: int | None = None  # v1.1: the task's retry allowance, so a worker knows its last attempt
 
 
 class TaskInfo(Struct, frozen=True, omit_defaults=True):

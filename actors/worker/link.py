@@ -20,6 +20,7 @@ import gevent
 import pykka
 from msgspec import Struct
 
+from transport.backoff import backoff_delay
 from transport.client import Client
 from transport.errors import BadRequest, BrokerError, ClientError, RequestTimeout, Unauthorized
 from transport.messages import Deregister
@@ -109,7 +110,7 @@ class LinkActor(pykka.ThreadingActor):
         self.generation = 0
         self.connected = False
         self.stopping = False
-        self.backoff_s = BACKOFF_FIRST_S
+        self.failed_dials = 0
         self.last_heard = time.monotonic()
         self.warned_at = self.last_heard
         self.heartbeat_interval_s = 0.0
@@ -157,13 +158,14 @@ class LinkActor(pykka.ThreadingActor):
         self.connected = False
         log.warning("lost the broker connection (%s); reconnecting", msg.reason,
                     extra={"worker_id": self.registration.worker_id})
-        self.backoff_s = BACKOFF_FIRST_S
+        self.failed_dials = 0
         self._schedule_dial()
 
     def _schedule_dial(self) -> None:
         if self._dial_timer is None:
-            self._dial_timer = gevent.spawn_later(self.backoff_s, tell_quietly, self.actor_ref, _Dial())
-            self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
+            self.failed_dials += 1
+            delay_s = backoff_delay(self.failed_dials, BACKOFF_FIRST_S, BACKOFF_MAX_S)
+            self._dial_timer = gevent.spawn_later(delay_s, tell_quietly, self.actor_ref, _Dial())
 
     def _dial(self) -> None:
         """Connect both clients and REGISTER; on failure try again after the backoff."""
@@ -188,14 +190,14 @@ class LinkActor(pykka.ThreadingActor):
             return
         except (ClientError, BrokerError, RequestTimeout) as exc:
             log.info("broker not reachable at %s (%s); next try in %.1f s", self.control.address, exc,
-                     self.backoff_s)
+                     backoff_delay(self.failed_dials + 1, BACKOFF_FIRST_S, BACKOFF_MAX_S))
             self._schedule_dial()
             return
         first = reg.worker_id is None
         reg.worker_id = worker_id
         self.generation += 1
         self.connected = True
-        self.backoff_s = BACKOFF_FIRST_S
+        self.failed_dials = 0
         self.last_heard = self.warned_at = time.monotonic()
         interval_s = self.heartbeat_interval_s = welcome.heartbeat_interval_ms / 1000.0
         log.info("worker %s as %s at %s (queues %s, heartbeat every %.2f s)",

@@ -28,15 +28,13 @@ import psutil
 
 from actors.worker.exceptions import Reject, Retry
 from actors.worker.sdk import decode_payload, encode_result, registered_tasks
+from transport.messages import MAX_RESULT_BYTES
 
 log = logging.getLogger("tqbroker.worker")
 
 SWITCH_INTERVAL_S = 0.001
 MAX_ERROR_CHARS = 8_000  # far under the protocol's 65,536, so a RESULT is never refused for its error
 TRACEBACK_FRAMES = 4
-# A RESULT must fit the broker's frame limit (broker.max_frame_bytes, 16 MiB by default); a bigger one
-# would make the broker close the connection and the worker resend it for ever, so it fails instead.
-MAX_RESULT_BYTES = 16 * 1024 * 1024 - 64 * 1024
 
 
 class Outcome(msgspec.Struct, frozen=True):

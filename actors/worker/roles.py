@@ -51,6 +51,8 @@ class SlotFreed(Struct, frozen=True):
 
 class Finished(Struct, frozen=True):
     outcome: Outcome
+    final: bool = False  # the broker will not retry this task if it fails (its last attempt)
+    attempts: int = 0  # attempts made so far, this one included
 
 
 class Started(Struct, frozen=True):
@@ -175,7 +177,7 @@ class ExecutorActor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Finished):
-            self._finished(message.outcome)
+            self._finished(message)
         elif isinstance(message, Run):
             for assignment in message.tasks:
                 self._start(assignment, message.reply_to)
@@ -212,17 +214,21 @@ class ExecutorActor(pykka.ThreadingActor):
         except Exception as exc:  # the backend itself failed (not user code, which `execute` wraps)
             log.exception("running task %s failed in the worker itself", a.task_id)
             outcome = Outcome(task_id=a.task_id, ok=False, retry=True, error=f"WorkerError: {exc!r}")
-        tell_quietly(self.actor_ref, Finished(outcome))
+        final = a.max_retries is not None and a.attempt > a.max_retries
+        tell_quietly(self.actor_ref, Finished(outcome, final=final, attempts=a.attempt))
         tell_quietly(claimer, SlotFreed())
 
-    def _finished(self, outcome: Outcome) -> None:
+    def _finished(self, msg: Finished) -> None:
+        outcome = msg.outcome
         self.running.pop(outcome.task_id, None)
         extra = {"task_id": outcome.task_id, "seconds": round(outcome.seconds, 4)}
+        error = (outcome.error or "").partition("\n")[0]
         if outcome.ok:
             log.debug("task completed", extra=extra)
+        elif outcome.retry and msg.final:
+            log.info("task failed after %d attempt(s); giving up: %s", msg.attempts, error, extra=extra)
         else:
-            log.info("task failed (%s): %s", "will retry" if outcome.retry else "no retry",
-                     (outcome.error or "").partition("\n")[0], extra=extra)
+            log.info("task failed (%s): %s", "will retry" if outcome.retry else "no retry", error, extra=extra)
         self.reporter.tell(Deliver(outcome))
         self._maybe_done()
 

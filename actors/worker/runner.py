@@ -1,4 +1,4 @@
-"""`python -m actors worker MODULE [MODULE...]`: the worker process.
+"""`tqbroker worker MODULE [MODULE...]`: the worker process.
 
 It imports the task modules, serves every `@task` they define, and runs as Pykka actors on gevent (the
 monkey patching already applied by `actors/__main__.py`): a LinkActor owning the two connections, a
@@ -36,13 +36,14 @@ from actors.worker.pool import Backend, ProcessBackend, ThreadBackend, terminate
 from actors.worker.roles import ClaimerActor, ExecutorActor, ReporterActor, Stop, WhenDone
 from actors.worker.sdk import registered_tasks
 from config.settings import ConfigError, Settings, load_settings
-from transport.client import Client
+from transport.client_settings import ClientSettings, ClientSettingsError
+from transport.messages import MAX_QUEUE_NAME, QUEUE_NAME_PATTERN
 
 log = logging.getLogger("tqbroker.worker")
 
 CLAIM_WAIT_MS = 5000
 FORCED_DEREGISTER_TIMEOUT_S = 1.0
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}\Z")
+QUEUE_NAME = re.compile(QUEUE_NAME_PATTERN)
 
 
 class UsageError(Exception):
@@ -51,7 +52,7 @@ class UsageError(Exception):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m actors worker",
+        prog="tqbroker worker",
         description="Run the @task functions of the given modules, claiming them from the broker.",
         epilog="Settings come from config/default.yaml, --config, TQ_<SECTION>__<KEY> variables (worker.*, "
                "broker.host/port) and these flags; the API key from --api-key or TQ_API_KEY.",
@@ -69,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-file", help="CA certificate that signed the broker's (default TQ_TLS_CA)")
     p.add_argument("--name", help="worker name shown in WORKERS (default HOSTNAME-PID)")
     p.add_argument("--config", metavar="FILE", help="YAML file overriding config/default.yaml")
-    p.add_argument("--log-level", help="debug, info, warning, error (monitoring.log_level)")
+    p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error (monitoring.log_level)")
     return p
 
 
@@ -89,10 +90,6 @@ def import_task_modules(names: Sequence[str]) -> None:
             raise UsageError(f"task module {name!r} failed to import: {type(exc).__name__}: {exc}") from None
 
 
-def _dial_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
 class WorkerConfig:
     """Everything the worker needs, resolved from flags > TQ_* environment > config files > defaults."""
 
@@ -108,16 +105,17 @@ class WorkerConfig:
         self.modules: list[str] = args.modules
         self.pool: str = args.pool
         self.concurrency = settings.worker.concurrency
-        self.host = args.host or _dial_host(settings.broker.host)
-        self.port = args.port or settings.broker.port
-        self.api_key: str | None = args.api_key or os.environ.get("TQ_API_KEY") or None
-        self.ca_file: str | None = args.ca_file or os.environ.get("TQ_TLS_CA") or None
-        self.tls: bool = bool(args.tls or self.ca_file)
+        try:
+            self.client = ClientSettings.resolve(args.host, args.port, args.api_key, args.tls, args.ca_file,
+                                                 config_host=settings.broker.host, config_port=settings.broker.port)
+        except ClientSettingsError as exc:
+            raise UsageError(str(exc)) from None
+        self.host, self.port = self.client.host, self.client.port
         self.name: str = (args.name or f"{socket.gethostname()}-{os.getpid()}")[:200]
         self.queue_flag: list[str] | None = None
         if args.queues:
             self.queue_flag = [q.strip() for q in args.queues.split(",") if q.strip()]
-            bad = [q for q in self.queue_flag if not QUEUE_NAME.match(q)]
+            bad = [q for q in self.queue_flag if not QUEUE_NAME.match(q) or len(q) > MAX_QUEUE_NAME]
             if bad or not self.queue_flag:
                 raise UsageError(f"--queues: invalid queue name(s) {bad or args.queues!r} "
                                  "(1-200 characters of A-Z a-z 0-9 _ . : -)")
@@ -143,10 +141,8 @@ class Worker:
         self.exit_code = 0
         self.signals = 0
         s = config.settings.worker
-        client_opts: dict[str, Any] = {"api_key": config.api_key, "connect": False, "tls": config.tls,
-                                       "ca_file": config.ca_file}
-        self.control = Client(config.host, config.port, client_name="tqbroker-worker", **client_opts)
-        self.claims = Client(config.host, config.port, client_name="tqbroker-worker-claims", **client_opts)
+        self.control = config.client.client(client_name="tqbroker-worker", connect=False)
+        self.claims = config.client.client(client_name="tqbroker-worker-claims", connect=False)
         self.backend: Backend = (
             ProcessBackend(config.concurrency, config.modules) if config.pool == "processes"
             else ThreadBackend(config.concurrency)
@@ -190,9 +186,7 @@ class Worker:
         worker_id = self.registration.worker_id
         if worker_id is not None:
             try:
-                with Client(self.config.host, self.config.port, self.config.api_key,
-                            timeout=FORCED_DEREGISTER_TIMEOUT_S, tls=self.config.tls,
-                            ca_file=self.config.ca_file) as client:
+                with self.config.client.client(timeout=FORCED_DEREGISTER_TIMEOUT_S) as client:
                     client.deregister(worker_id)
                 log.info("worker deregistered", extra={"worker_id": worker_id})
             except Exception as exc:  # exiting anyway; the broker reclaims the tasks when heartbeats stop
@@ -246,11 +240,12 @@ def _hard_exit(code: int) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Entry point of `python -m actors worker ...`; returns the exit status."""
+    """Entry point of `tqbroker worker ...`; returns the exit status."""
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):
-        print("the worker runs under gevent: start it with `python -m actors worker ...`", file=sys.stderr)
+        print("the worker runs under gevent: start it with `tqbroker worker ...` (or `python -m actors worker`)",
+              file=sys.stderr)
         return 2
     try:
         config = WorkerConfig(argv)

@@ -12,7 +12,7 @@ send_email.submit_many([("a", "b"), ("c", "d")])       # one SUBMIT_BATCH per 10
 send_email("x", "y")                                   # still an ordinary local call
 ```
 
-Wire format, so producers and workers in other languages interoperate (PROTOCOL.md leaves `payload` and
+Wire format, so producers and workers in other languages interoperate (docs/protocol.md leaves `payload` and
 `result` opaque; this is the convention of the Python SDK and worker runtime):
 
 - `kind` is `"<module>.<qualname>"` of the function (e.g. `billing.tasks.send_email`) unless `name=` is given.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,8 +41,11 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import msgspec
 
 from actors.worker.exceptions import Reject, Retry, TaskCancelled, TaskFailed
+from storage.model import TaskState
 from transport import messages as m
+from transport.backoff import backoff_delay
 from transport.client import Client
+from transport.client_settings import ClientSettings
 from transport.errors import ClientError, ConnectionLost
 
 __all__ = [
@@ -68,10 +70,9 @@ log = logging.getLogger("tqbroker.worker")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-MAX_BATCH = 10_000  # PROTOCOL.md: SUBMIT_BATCH carries 1–10,000 tasks
+MAX_BATCH = 10_000  # docs/protocol.md: SUBMIT_BATCH carries 1–10,000 tasks
 POLL_FIRST_S = 0.01
 POLL_MAX_S = 0.5
-TERMINAL_STATES = ("completed", "failed", "cancelled")
 
 
 # ---------------------------------------------------------------- encoding
@@ -127,38 +128,18 @@ _default_client: Client | None = None
 _default_lock = threading.Lock()
 
 
-def _env_address() -> tuple[str, int, str | None]:
-    host = os.environ.get("TQ_BROKER__HOST") or "127.0.0.1"
-    if host in ("0.0.0.0", "::", ""):  # a broker's listen-on-all address; clients dial loopback instead
-        host = "127.0.0.1"
-    raw_port = os.environ.get("TQ_BROKER__PORT") or "6379"
-    try:
-        port = int(raw_port)
-    except ValueError:
-        raise ValueError(f"TQ_BROKER__PORT must be a port number, got {raw_port!r}") from None
-    return host, port, os.environ.get("TQ_API_KEY") or None
-
-
-def _env_tls() -> dict[str, Any]:
-    """TLS options from TQ_TLS_CA (the CA that signed the broker's certificate), if set."""
-    ca_file = os.environ.get("TQ_TLS_CA")
-    return {"tls": True, "ca_file": ca_file} if ca_file else {}
-
-
 def connect(host: str | None = None, port: int | None = None, api_key: str | None = None,
-            **client_options: Any) -> Client:
+            tls: bool | None = None, ca_file: str | None = None, **client_options: Any) -> Client:
     """Dial the broker and make it the process-wide default connection (closing the previous one).
 
-    Unset arguments come from TQ_BROKER__HOST / TQ_BROKER__PORT / TQ_API_KEY; `client_options` go to
-    `transport.client.Client` (timeout, tls, ca_file, client_name).
+    Unset arguments are resolved by `transport.client_settings.ClientSettings` (TQ_BROKER__HOST,
+    TQ_BROKER__PORT, TQ_API_KEY, TQ_TLS_CA); `client_options` go to `transport.client.Client`
+    (timeout, client_name).
     """
     global _default_client
-    env_host, env_port, env_key = _env_address()
     client_options.setdefault("client_name", "tqbroker-python-sdk")
-    for option, value in _env_tls().items():
-        client_options.setdefault(option, value)
-    client = Client(host or env_host, port or env_port, api_key if api_key is not None else env_key,
-                    **client_options)
+    settings = ClientSettings.resolve(host, port, api_key, tls, ca_file)
+    client = settings.client(**client_options)
     with _default_lock:
         previous, _default_client = _default_client, client
     if previous is not None:
@@ -171,8 +152,7 @@ def get_client() -> Client:
     global _default_client
     with _default_lock:
         if _default_client is None:
-            host, port, api_key = _env_address()
-            _default_client = Client(host, port, api_key, client_name="tqbroker-python-sdk", **_env_tls())
+            _default_client = ClientSettings.resolve().client(client_name="tqbroker-python-sdk")
         elif not _default_client.connected:
             _default_client.reconnect()
         return _default_client
@@ -233,7 +213,7 @@ class TaskHandle:
         unreachable (a restart) is polled again until the deadline.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        interval = POLL_FIRST_S
+        polls = 0
         last_error: ClientError | None = None
         while True:
             try:
@@ -241,15 +221,16 @@ class TaskHandle:
                 last_error = None
             except ClientError as exc:
                 info, last_error = None, exc
-            if info is not None and info.state in TERMINAL_STATES:
+            if info is not None and info.state in TaskState.TERMINAL:
                 return _outcome(info)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 state = info.state if info is not None else "unknown"
                 raise TimeoutError(f"task {self.task_id} did not finish within {timeout:g} s "
                                    f"(state {state})") from last_error
+            polls += 1
+            interval = backoff_delay(polls, POLL_FIRST_S, POLL_MAX_S)
             time.sleep(interval if remaining is None else min(interval, remaining))
-            interval = min(interval * 2, POLL_MAX_S)
 
 
 def _outcome(info: m.TaskInfo) -> Any:
