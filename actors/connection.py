@@ -86,6 +86,7 @@ class Session:
         self.authenticated = not ctx.settings.auth.enabled
         self.idle_timeout = ctx.settings.broker.connection_timeout_secs
         self.state = ConnectionState()
+        self.claimed = False  # a CLAIM came on this connection: the queue must hear when it closes
         self.outbox = ConnectionOutbox(sock, self.state, ctx.metrics)  # every request's reply address
         self.actor = ConnectionActor.start(self.outbox)
         self.outbox.bind(self.actor)
@@ -115,8 +116,10 @@ class Session:
                 continue
             if isinstance(msg, _QUEUE_REQUESTS):
                 to_queue.append(msg)
-                if isinstance(msg, Claim) and msg.wait_ms > 0:
-                    self.state.waiting_claims.add(msg.id)
+                if isinstance(msg, Claim):
+                    self.claimed = True
+                    if msg.wait_ms > 0:
+                        self.state.waiting_claims.add(msg.id)
             elif isinstance(msg, _REGISTRY_REQUESTS):
                 self.state.in_flight += 1
                 ctx.registry.tell(RegistryRequest(msg, self.outbox, ctx.server.connections))
@@ -177,7 +180,7 @@ class Session:
 
     def close(self) -> None:
         """Lets the actor send what it already has, then stops it; waiting claims are withdrawn."""
-        if self.state.waiting_claims:
+        if self.state.waiting_claims or self.claimed:
             self.ctx.queue.tell(ConnectionClosed(reply_to=self.outbox))
         try:
             self.actor.stop(block=True, timeout=5.0)

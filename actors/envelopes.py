@@ -75,6 +75,15 @@ class WorkerSeen(Struct, gc=False):
     recovered: bool = False
 
 
+class ForgetClaimer(Struct, gc=False):
+    """Queue → registry: the connection on which this worker id first CLAIMed closed and it holds no task.
+
+    The registry forgets the worker only if it never REGISTERed nor HEARTBEATed (a claim-only client).
+    """
+
+    worker_id: str
+
+
 class RegistryRequest(Struct, gc=False):
     """A REGISTER, DEREGISTER, HEARTBEAT, STATS or WORKERS request from a connection."""
 

@@ -35,6 +35,7 @@ from actors.envelopes import (
     ExpireLeases,
     FillStats,
     FillWorkers,
+    ForgetClaimer,
     QueueRequests,
     ReclaimWorker,
     RenewLeases,
@@ -104,6 +105,7 @@ class QueueActor(HubActor):
         self.ready_seq = 0
         self.started = time.time()
         self.known_workers: set[str] = set()
+        self.first_claimed_on: dict[str, set[str]] = {}  # connection urn → worker ids first seen on it
         self.recent: OrderedDict[str, Task] = OrderedDict()
         self.waiters = ClaimWaiters(self.index.has_pending, self._claim, self._reply)
         self.shutting_down = False
@@ -227,6 +229,7 @@ class QueueActor(HubActor):
     def _on_claim(self, req: Claim, reply_to: Any, now: float) -> Message | None:
         if req.worker_id not in self.known_workers:
             self.known_workers.add(req.worker_id)
+            self.first_claimed_on.setdefault(reply_to.actor_urn, set()).add(req.worker_id)
             if self.registry is not None:
                 self.registry.tell(WorkerSeen(worker_id=req.worker_id))
         max_tasks = min(max(req.max_tasks, 1), self.max_batch_claim)
@@ -404,7 +407,15 @@ class QueueActor(HubActor):
             self.wal.delete_segments_before(msg.wal_segment)
 
     def _on_connection_closed(self, msg: ConnectionClosed) -> None:
-        self.waiters.withdraw(msg.reply_to.actor_urn)
+        """Withdraws the connection's waiting claims; worker ids first seen on it that hold no task go to
+        the registry to be forgotten (it keeps those that registered or heartbeated)."""
+        urn = msg.reply_to.actor_urn
+        self.waiters.withdraw(urn)
+        for worker_id in self.first_claimed_on.pop(urn, ()):
+            if worker_id in self.known_workers and not self.index.by_worker.get(worker_id):
+                self.known_workers.discard(worker_id)
+                if self.registry is not None:
+                    self.registry.tell(ForgetClaimer(worker_id=worker_id))
 
     def _on_history_written(self, msg: HistoryWritten) -> None:
         self.history.written(msg)

@@ -21,6 +21,7 @@ from actors.envelopes import (
     CheckWorkers,
     FillStats,
     FillWorkers,
+    ForgetClaimer,
     ReclaimWorker,
     RegistryRequest,
     RenewLeases,
@@ -53,7 +54,7 @@ class WorkerRecord:
     """What the registry knows of one worker."""
 
     __slots__ = ("worker_id", "name", "hostname", "pid", "queues", "concurrency", "metadata", "alive",
-                 "last_heartbeat", "cpu_percent", "memory_bytes", "grace_until")
+                 "last_heartbeat", "cpu_percent", "memory_bytes", "grace_until", "claim_only")
 
     def __init__(self, worker_id: str, now: float) -> None:
         self.worker_id = worker_id
@@ -68,6 +69,7 @@ class WorkerRecord:
         self.cpu_percent = 0.0
         self.memory_bytes = 0
         self.grace_until = 0.0  # not declared dead before this (reconnect time after a broker restart)
+        self.claim_only = False  # known only from CLAIMs: never REGISTERed nor HEARTBEATed
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -108,6 +110,8 @@ class WorkerRegistryActor(HubActor):
             self._on_request(message)
         elif isinstance(message, WorkerSeen):
             self._seen(message.worker_id, time.time(), message.recovered)
+        elif isinstance(message, ForgetClaimer):
+            self._forget_claimer(message.worker_id)
         elif isinstance(message, CheckWorkers):
             self._check(time.time())
         elif isinstance(message, UseQueue):
@@ -131,12 +135,21 @@ class WorkerRegistryActor(HubActor):
         A revived worker gets a fresh 2 × heartbeat window; if it stays silent it is declared dead
         again and whatever it claimed meanwhile is reclaimed.
         """
+        new = worker_id not in self.workers
         worker = self._known(worker_id, now)
+        worker.claim_only = worker.claim_only or (new and not recovered)
         if recovered:
             worker.grace_until = now + min(RECOVERY_GRACE_S, self.dead_after_s)
         if not worker.alive:
             worker.alive, worker.last_heartbeat = True, now
             log.info("worker is claiming again after being declared dead", extra={"worker_id": worker_id})
+
+    def _forget_claimer(self, worker_id: str) -> None:
+        """Drops a claim-only worker whose connection closed holding nothing: it is not a live worker."""
+        worker = self.workers.get(worker_id)
+        if worker is not None and worker.claim_only:
+            del self.workers[worker_id]
+            log.info("worker forgotten: it only claimed, and its connection closed", extra={"worker_id": worker_id})
 
     def _on_request(self, msg: RegistryRequest) -> None:
         req, reply_to, now = msg.request, msg.reply_to, time.time()
@@ -144,7 +157,7 @@ class WorkerRegistryActor(HubActor):
             worker = self._known(req.worker_id, now)
             if not worker.alive:
                 log.info("worker is alive again", extra={"worker_id": req.worker_id})
-            worker.alive, worker.last_heartbeat = True, now
+            worker.alive, worker.last_heartbeat, worker.claim_only = True, now, False
             if req.cpu_percent is not None:
                 worker.cpu_percent = req.cpu_percent
             if req.memory_bytes is not None:
@@ -171,7 +184,7 @@ class WorkerRegistryActor(HubActor):
     def _register(self, req: Register, reply_to: Any, now: float) -> None:
         worker_id = req.worker_id or f"w-{uuid.uuid4().hex[:16]}"
         worker = self._known(worker_id, now)
-        worker.alive, worker.last_heartbeat = True, now
+        worker.alive, worker.last_heartbeat, worker.claim_only = True, now, False
         if req.name is not None:
             worker.name = req.name
         if req.hostname is not None:

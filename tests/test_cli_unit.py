@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from actors.cli import build_parser, format_table, main
+from actors.cli import build_parser, client_settings, format_table, main
 from transport import messages as m
 
 try:  # tests/ may or may not become a package; the fake broker lives next to this file either way
@@ -56,26 +56,27 @@ def test_format_table_renders_bools_lists_and_bytes_readably() -> None:
 
 def test_connection_flags_default_to_the_environment() -> None:
     env = {"TQ_BROKER__HOST": "broker.local", "TQ_BROKER__PORT": "7000", "TQ_API_KEY": "sekret"}
-    args = build_parser(env).parse_args(["stats"])
-    assert (args.host, args.port, args.api_key, args.json, args.timeout) == ("broker.local", 7000, "sekret",
-                                                                           False, 10.0)
+    args = build_parser().parse_args(["stats"])
+    settings = client_settings(args, env)
+    assert (settings.host, settings.port, settings.api_key, args.json, args.timeout) == (
+        "broker.local", 7000, "sekret", False, 10.0)
 
 
 def test_connection_flags_work_before_and_after_the_subcommand() -> None:
-    parser = build_parser({})
+    parser = build_parser()
     before = parser.parse_args(["--host", "h1", "--json", "workers"])
     after = parser.parse_args(["workers", "--host", "h2", "--port", "1", "--timeout", "2.5"])
-    assert (before.host, before.port, before.json) == ("h1", 6379, True)
-    assert (after.host, after.port, after.timeout, after.json) == ("h2", 1, 2.5, False)
+    assert (client_settings(before, {}).address, before.json) == ("h1:6379", True)
+    assert (client_settings(after, {}).address, after.timeout, after.json) == ("h2:1", 2.5, False)
 
 
 def test_submit_parses_payload_priority_and_scheduling_options() -> None:
-    args = build_parser({}).parse_args(["submit", "email", "--payload", '{"to": "x"}', "--queue", "mail",
+    args = build_parser().parse_args(["submit", "email", "--payload", '{"to": "x"}', "--queue", "mail",
                                         "--priority", "200", "--delay", "1.5", "--max-retries", "2",
                                         "--unique-key", "k"])
     assert (args.kind, args.payload, args.queue, args.priority) == ("email", {"to": "x"}, "mail", 200)
     assert (args.delay, args.max_retries, args.unique_key) == (1.5, 2, "k")
-    assert build_parser({}).parse_args(["submit", "k", "--priority", "low"]).priority == "low"
+    assert build_parser().parse_args(["submit", "k", "--priority", "low"]).priority == "low"
 
 
 @pytest.mark.parametrize("argv", [
@@ -109,7 +110,7 @@ def test_sql_falls_back_to_the_offline_query_when_the_broker_is_unreachable(
 ) -> None:
     asked: list[str] = []
 
-    def offline(sql: str) -> tuple[list[str], list[list[Any]]]:
+    def offline(sql: str, data_dir: str | None) -> tuple[list[str], list[list[Any]]]:
         asked.append(sql)
         return ["state", "n"], [["completed", 3]]
 
@@ -157,7 +158,8 @@ def test_submit_sends_the_payload_as_messagepack_and_prints_the_task_id(
                      "--priority", "high", "--port", str(broker.port), "--api-key", "k"])
     assert code == 0
     assert json.loads(capsys.readouterr().out) == {"task_id": "t-email", "duplicate": False}
-    hello, submit = seen
+    hello, submit, workers = seen
+    assert isinstance(workers, m.Workers)  # asked after the submit: is anyone serving the queue?
     assert hello.api_key == "k" and hello.client == "tqbroker-cli"  # type: ignore[attr-defined]
     task = submit.task  # type: ignore[attr-defined]
     assert msgspec.msgpack.decode(task.payload) == {"to": ["a", 1]}
