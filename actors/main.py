@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
 
 def run_broker(settings: Settings) -> int:
     from actors.logs import setup_logging
-    from actors.system import BrokerSystem, StartupError
+    from actors.system import BrokerSystem, StartupError, remove_empty_dirs
     from storage.errors import StorageError
     from storage.wal import WalError
     from transport.server import ListenError
@@ -98,6 +98,7 @@ def run_broker(settings: Settings) -> int:
     except (StartupError, StorageError, WalError, ListenError, OSError) as exc:
         print(f"tqbroker: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
         system.stop()
+        remove_empty_dirs(system.created_dirs)
         return 1
     stop.wait()
     log.info("stopping: signal received")
@@ -117,7 +118,7 @@ def _offline_query(sql: str, data_dir: str | None = None) -> tuple[list[str], li
     from storage.db_process import DatabaseProcess
 
     settings = load_settings(overrides={"persistence.data_dir": data_dir})
-    path = Path(settings.persistence.data_dir) / DB_FILE
+    path = Path(settings.persistence.data_dir).absolute() / DB_FILE
     if not path.exists():
         raise FileNotFoundError(f"no history database at {path}; pass --data-dir DIR (or set "
                                 "TQ_PERSISTENCE__DATA_DIR) to the broker's data directory")

@@ -45,13 +45,26 @@ class StartupError(Exception):
     """The broker cannot start; the message names the path or setting and what to do."""
 
 
-def prepare_data_dir(data_dir: Path) -> None:
+def prepare_data_dir(data_dir: Path) -> list[Path]:
+    """Creates `data_dir` and its missing parents; returns the directories it created, deepest first."""
+    created = [p for p in (data_dir, *data_dir.parents) if not p.exists()]
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StartupError(f"cannot create data dir {data_dir}: {exc.strerror or exc}") from None
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise StartupError(f"data dir {data_dir} is not writable by this user (persistence.data_dir)")
+    return created
+
+
+def remove_empty_dirs(created: list[Path]) -> None:
+    """Removes the directories in `created` (deepest first) while they are empty; stops at the first that
+    is not, so nothing a start wrote is ever deleted."""
+    for path in created:
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -86,10 +99,11 @@ class BrokerSystem:
         self.lease_watcher: Any = None
         self.metrics = BrokerMetrics()
         self.http: WSGIServer | None = None
+        self.created_dirs: list[Path] = []  # by this start: a failed start removes them while empty
 
     def start(self) -> None:
         s = self.settings
-        prepare_data_dir(self.data_dir)
+        self.created_dirs = prepare_data_dir(self.data_dir)
         ctx = BrokerContext(settings=s, queue=None, registry=None, server=None,
                             keys=ApiKeys(s.auth.api_keys), run_query=self._run_query, metrics=self.metrics)
         self.server = TcpServer(s.broker.host, s.broker.port, partial(serve_connection, ctx),

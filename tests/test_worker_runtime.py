@@ -170,6 +170,16 @@ def test_an_exception_is_retried_then_fails_with_the_error_text(
     assert handle.status().attempts == 3
 
 
+def test_the_last_failed_attempt_is_logged_as_giving_up_not_as_will_retry(
+        shared_broker: BrokerProcess, start_worker: Callable[..., WorkerProcess], admin: Client) -> None:
+    worker = start_worker(shared_broker)
+    handle = fx.always_fails.submit("gives-up")  # max_retries=2: three runs in all
+    with pytest.raises(TaskFailed):
+        handle.result(timeout=20)
+    worker.wait_log("task failed after 3 attempts; giving up: ValueError: gives-up")
+    assert worker.log().count("task failed (will retry): ValueError: gives-up") == 2
+
+
 def test_retry_runs_the_task_again_and_reject_fails_it_at_once(
         shared_broker: BrokerProcess, start_worker: Callable[..., WorkerProcess], admin: Client,
         tmp_path: Path) -> None:

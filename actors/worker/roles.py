@@ -226,7 +226,8 @@ class ExecutorActor(pykka.ThreadingActor):
         if outcome.ok:
             log.debug("task completed", extra=extra)
         elif outcome.retry and msg.final:
-            log.info("task failed after %d attempt(s); giving up: %s", msg.attempts, error, extra=extra)
+            log.info("task failed after %d %s; giving up: %s", msg.attempts,
+                     "attempt" if msg.attempts == 1 else "attempts", error, extra=extra)
         else:
             log.info("task failed (%s): %s", "will retry" if outcome.retry else "no retry", error, extra=extra)
         self.reporter.tell(Deliver(outcome))
