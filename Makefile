@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) -m actors
+	$(VENV)/bin/tqbroker
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -63,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="tasks run at once (worker.concurrency, default 4)")
     p.add_argument("--pool", choices=("threads", "processes"), default="threads",
                    help="run tasks on OS threads (default) or in a pool of processes")
-    p.add_argument("--host", help="broker host (default broker.host, or 127.0.0.1)")
-    p.add_argument("--port", type=int, help="broker port (default broker.port, 6379)")
+    p.add_argument("--host", help="broker host (else TQ_BROKER__HOST, broker.host, 127.0.0.1; 0.0.0.0 dials loopback)")
+    p.add_argument("--port", type=int, help="broker port (else TQ_BROKER__PORT, broker.port, 6379)")
     p.add_argument("--api-key", help="API key for HELLO (default TQ_API_KEY)")
     p.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca-file or TQ_TLS_CA)")
     p.add_argument("--ca-file", help="CA certificate that signed the broker's (default TQ_TLS_CA)")
