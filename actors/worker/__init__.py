@@ -1,6 +1,6 @@
 """Workers and the Python SDK: `@task` functions, their submission and results, and the worker runtime.
 
-Producers import `task` (and `connect` to pick a broker); `python -m actors worker MODULE...` runs the
+Producers import `task` (and `connect` to pick a broker); `tqbroker worker MODULE...` runs the
 tasks those modules define. See `actors/worker/sdk.py` for the payload/result wire format that other
 languages can follow. The runtime (`runner`, `link`, `roles`, `pool`) is imported only by the worker
 command, so producers do not pull in gevent or Pykka.
