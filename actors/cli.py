@@ -215,8 +215,9 @@ def _warn_if_unserved(client: Client, queue: str) -> None:
     except (BrokerError, ClientError, RequestTimeout):
         return  # only a hint: the submit itself succeeded
     if not any(w.alive and queue in w.queues for w in workers):
-        print(f"warning: no live worker serves queue {queue!r}; the task waits until one does "
-              f"(`tqbroker worker MODULE --queues {queue}`, or check `tqbroker workers`)", file=sys.stderr)
+        print(f"warning: no live worker is registered for queue {queue!r}; the task waits until one claims "
+              f"from it (start one with `tqbroker worker MODULE --queues {queue}`; see `tqbroker workers`)",
+              file=sys.stderr)
 
 
 def cmd_sql(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:

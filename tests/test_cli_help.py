@@ -120,7 +120,7 @@ def test_submit_warns_when_no_live_worker_serves_the_queue_and_still_succeeds(
     env = {"TQ_BROKER__PORT": str(broker.port)}
     unserved = run("submit", "resize", "--queue", "media", env=env)
     assert unserved.returncode == 0 and "task_id:" in unserved.stdout
-    assert "warning: no live worker serves queue 'media'" in unserved.stderr
+    assert "warning: no live worker is registered for queue 'media'" in unserved.stderr
 
     client = broker.client()
     client.register("w-media", name="media-worker", queues=["media"])

@@ -50,7 +50,7 @@ def test_an_empty_api_key_in_the_environment_means_no_key() -> None:
 @pytest.mark.parametrize(("env", "port", "named"), [
     ({"TQ_BROKER__PORT": "http"}, None, "TQ_BROKER__PORT"),
     ({"TQ_BROKER__PORT": "70000"}, None, "TQ_BROKER__PORT"),
-    ({}, 0, "--port"),
+    ({}, 0, r"port \(--port\)"),
 ])
 def test_a_bad_port_is_refused_naming_where_it_came_from(env: dict[str, str], port: int | None, named: str) -> None:
     with pytest.raises(ClientSettingsError, match=f"{named} must be a port number 1-65535"):

@@ -65,7 +65,7 @@ class ClientSettings:
         env = os.environ if env is None else env
         raw_host = host or env.get(ENV_HOST) or config_host or DEFAULT_HOST
         if port is not None and port != "":
-            resolved_port = _port(port, "--port")
+            resolved_port = _port(port, "port (--port)")
         elif env.get(ENV_PORT):
             resolved_port = _port(env[ENV_PORT], ENV_PORT)
         else:
