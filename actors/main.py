@@ -12,9 +12,6 @@ import os
 import signal
 import sys
 
-import gevent
-import gevent.event
-
 from config.settings import ConfigError, Settings, load_settings, settings_summary
 
 WORKER_HELP = "run the @task functions of Python modules, claiming their tasks from the broker"
@@ -81,6 +78,9 @@ def main(argv: list[str]) -> int:
 
 
 def run_broker(settings: Settings) -> int:
+    import gevent  # here, not at the top: the operator commands import this module and never need gevent
+    import gevent.event
+
     from actors.logs import setup_logging
     from actors.system import BrokerSystem, StartupError, remove_empty_dirs
     from storage.errors import StorageError
