@@ -35,11 +35,18 @@ def broker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="TCP port of the protocol (broker.port, default 6379)")
     parser.add_argument("--data-dir", help="where the WAL and DuckDB live (persistence.data_dir, default ./data)")
     parser.add_argument("--log-level", help="debug, info, warning, error (monitoring.log_level)")
+    parser.add_argument("--accept-wal-damage", action="store_true",
+                        help="if a WAL segment is damaged (not a torn tail), move it and every later segment to "
+                             "DATA_DIR/wal/damaged-<time>/ and start from the records before the damage; changes "
+                             "after it may be lost (logged at ERROR). Without it such a start stops, exit status 1")
     return parser
 
 
 def load_broker_settings(argv: list[str]) -> Settings:
-    args = broker_parser().parse_args(argv)
+    return _settings_from(broker_parser().parse_args(argv))
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides={
         "broker.host": args.host, "broker.port": args.port,
         "persistence.data_dir": args.data_dir, "monitoring.log_level": args.log_level,
@@ -55,15 +62,16 @@ def main(argv: list[str]) -> int:
         from actors.worker.runner import main as worker_main
 
         return worker_main(argv[1:])
+    args = broker_parser().parse_args(argv)
     try:
-        settings = load_broker_settings(argv)
+        settings = _settings_from(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    return run_broker(settings)
+    return run_broker(settings, accept_wal_damage=args.accept_wal_damage)
 
 
-def run_broker(settings: Settings) -> int:
+def run_broker(settings: Settings, *, accept_wal_damage: bool = False) -> int:
     from actors.logs import setup_logging
     from actors.system import BrokerSystem, StartupError
     from storage.errors import StorageError
@@ -72,7 +80,7 @@ def run_broker(settings: Settings) -> int:
 
     setup_logging(settings.monitoring.log_level, settings.monitoring.json_logging)
     log.debug("settings: %s", settings_summary(settings))
-    system = BrokerSystem(settings)
+    system = BrokerSystem(settings, accept_wal_damage=accept_wal_damage)
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # before start: recovery may take seconds
         gevent.signal_handler(signum, stop.set)

@@ -42,10 +42,12 @@ class SnapshotSource(Protocol):
     def load_latest(self) -> tuple[list[Task], Counters, int] | None: ...
 
 
-def recover(data_dir: Path, snapshots: SnapshotSource) -> RecoveredState:
-    """Loads the newest snapshot and replays the WAL after it; cuts a torn WAL tail (see wal.py).
+def recover(data_dir: Path, snapshots: SnapshotSource, *, accept_wal_damage: bool = False) -> RecoveredState:
+    """Loads the newest snapshot and replays the WAL after it; cuts a torn WAL tail (see wal_reader.py).
 
-    Raises WalCorruptError for damage it must not skip, StorageError for an unreadable snapshot.
+    Raises WalCorruptError for WAL damage it must not skip, unless `accept_wal_damage` (the broker's
+    --accept-wal-damage): then the damaged segments are moved aside and replay stops before the damage.
+    Raises StorageError for an unreadable snapshot (the flag does not cover that).
     """
     started = time.perf_counter()
     wal_dir = wal_directory(data_dir)
@@ -59,7 +61,7 @@ def recover(data_dir: Path, snapshots: SnapshotSource) -> RecoveredState:
         snapshot_tasks = len(task_list)
     finished: list[Task] = []
     replayed = 0
-    for record in read_segments(wal_dir, from_segment):
+    for record in read_segments(wal_dir, from_segment, accept_damage=accept_wal_damage):
         done = apply_record(record, tasks, counters)
         if done is not None:
             finished.append(done)
