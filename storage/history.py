@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 
 from storage.database import Database, fetch_one, transaction
-from storage.errors import QueryRefused, QueryResult
+from storage.errors import QueryRefused, QueryResult, is_corruption
 from storage.model import Task
 
 QUERY_MAX_ROWS = 10_000
@@ -184,6 +184,8 @@ def _run_query(cursor: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
     except duckdb.InterruptException:
         raise
     except duckdb.Error as exc:
+        if is_corruption(str(exc)):
+            raise  # Database.run_read names the file: the SQL is fine, the history is damaged
         raise QueryRefused(str(exc).strip()) from None
     truncated = len(rows) > QUERY_MAX_ROWS
     return QueryResult(columns, [[_plain(v) for v in row] for row in rows[:QUERY_MAX_ROWS]], truncated)

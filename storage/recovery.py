@@ -16,6 +16,7 @@ from typing import Protocol
 import gevent
 import msgspec
 
+from storage.errors import StorageCorrupt
 from storage.model import Counters, Task, apply_record
 from storage.wal import list_segments, read_segments, wal_directory
 
@@ -42,6 +43,18 @@ class SnapshotSource(Protocol):
     def load_latest(self) -> tuple[list[Task], Counters, int] | None: ...
 
 
+def _load_snapshot(snapshots: SnapshotSource) -> tuple[list[Task], Counters, int] | None:
+    """The latest snapshot; a damaged one stops the start (StorageCorrupt naming the DuckDB file)."""
+    try:
+        return snapshots.load_latest()
+    except StorageCorrupt as exc:
+        raise StorageCorrupt(
+            f"cannot start from the latest snapshot: {exc.message}. Moving the file aside is no way out: the WAL "
+            "segments before that snapshot were deleted once it was written, so the live tasks it holds are "
+            "nowhere else (--accept-wal-damage does not cover the database)"
+        ) from exc
+
+
 def recover(data_dir: Path, snapshots: SnapshotSource, *, accept_wal_damage: bool = False) -> RecoveredState:
     """Loads the newest snapshot and replays the WAL after it; cuts a torn WAL tail (see wal_reader.py).
 
@@ -51,7 +64,7 @@ def recover(data_dir: Path, snapshots: SnapshotSource, *, accept_wal_damage: boo
     """
     started = time.perf_counter()
     wal_dir = wal_directory(data_dir)
-    loaded = snapshots.load_latest()
+    loaded = _load_snapshot(snapshots)
     if loaded is None:
         tasks: dict[str, Task] = {}
         counters, from_segment, snapshot_tasks = Counters(), 1, 0
