@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -17,14 +18,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import msgspec
 import pytest
 from conftest import ROOT, BrokerProcess, free_port
 
-from storage.model import LeasesRenewed, Task, TaskChanged, TaskFinished, TaskSubmitted, WalRecord
+from storage.database import _open_error
+from storage.db_process import DatabaseProcess
+from storage.errors import StorageCorrupt
+from storage.model import Counters, LeasesRenewed, Task, TaskChanged, TaskFinished, TaskSubmitted, WalRecord
+from storage.recovery import recover
 from storage.wal import WalCorruptError, WriteAheadLog, list_segments, read_segments, segment_path, wal_directory
 from storage.wal_format import HEADER_V1, RECORD_HEAD
 from transport import messages as m
+from transport.errors import InternalError
 
 TASKS = 30
 
@@ -297,3 +304,111 @@ def test_a_flipped_byte_in_the_last_record_is_cut_as_a_torn_tail_and_the_2999_be
     broker.start()
     assert broker.client().stats().pending == 2999
     assert "torn tail" in broker.log()
+
+
+# ---------------------------------------------------------------- a damaged DuckDB file
+
+
+def unique_bytes(tag: str, i: int, size: int) -> bytes:
+    """Incompressible bytes that occur once in the database file, to find the block that holds them."""
+    return random.Random(f"{tag}{i}").randbytes(size)
+
+
+def stored_task(i: int, state: str, tag: str) -> Task:
+    return Task(task_id=f"{tag}-{i:06d}", queue="q", kind="k", payload=unique_bytes(tag, i, 100), priority=1,
+                state=state, attempts=1, max_retries=3, lease_ms=1000, submitted_at=1.7e9 + i, run_at=1.7e9 + i,
+                ready_seq=i, finished_at=1.7e9 + i + 1 if state == "completed" else None,
+                result=unique_bytes(tag, i, 100) if state == "completed" else None)
+
+
+@pytest.fixture
+def damaged_db(tmp_path: Path) -> Iterator[Any]:
+    """`damage(tag)` flips a byte inside what task `tag`-000500 stored (history result or snapshot
+    payload) in a DuckDB file with 2,000 finished tasks and a snapshot of 2,000 live ones, and returns
+    a DatabaseProcess (the broker's own) open on it."""
+    path = tmp_path / "tqbroker.duckdb"
+    db = DatabaseProcess(path)
+    db.history.append([stored_task(i, "completed", "done") for i in range(2000)])
+    db.snapshots.write(msgspec.msgpack.encode([stored_task(i, "pending", "live") for i in range(2000)]), Counters(), 1)
+    db.history.checkpoint()
+    db.close()
+    opened: list[DatabaseProcess] = []
+
+    def damage(tag: str) -> DatabaseProcess:
+        data = bytearray(path.read_bytes())
+        at = data.find(unique_bytes(tag, 500, 100))
+        assert at > 0, "the stored bytes are not in the file as written (compressed?)"
+        data[at + 50] ^= 0xFF
+        path.write_bytes(bytes(data))
+        opened.append(DatabaseProcess(path))
+        return opened[-1]
+
+    yield damage
+    for db in opened:
+        db.close()
+
+
+def test_a_damaged_snapshot_block_stops_the_start_naming_the_database_file(damaged_db: Any, tmp_path: Path) -> None:
+    db = damaged_db("live")
+    with pytest.raises(StorageCorrupt) as raised:
+        recover(tmp_path, db.snapshots)
+    message = raised.value.message
+    assert str(tmp_path / "tqbroker.duckdb") in message and "is damaged" in message, message
+    assert "restore the file from a backup" in message and "WAL segments before that snapshot" in message, message
+
+
+def test_a_damaged_history_block_answers_lookups_and_queries_naming_the_database_file(
+    damaged_db: Any, tmp_path: Path,
+) -> None:
+    db = damaged_db("done")
+    for call in (lambda: db.history.get("done-000500"),
+                 lambda: db.history.query("SELECT sum(octet_length(result)) FROM task_history", 10.0)):
+        with pytest.raises(StorageCorrupt) as raised:
+            call()
+        assert str(tmp_path / "tqbroker.duckdb") in raised.value.message, raised.value.message
+        assert "cannot read task history" in raised.value.message and "is damaged" in raised.value.message
+        assert raised.value.code == "INTERNAL"
+
+
+def test_opening_a_file_with_a_damaged_block_says_damaged_not_locked(tmp_path: Path) -> None:
+    """DuckDB's checksum error mentions a "block"; it once read as a lock held by another broker."""
+    error = _open_error(tmp_path / "x.duckdb", duckdb.Error(
+        "Corrupt database file: computed checksum 1 does not match stored checksum 2 in block at location 4096"))
+    assert isinstance(error, StorageCorrupt) and "is damaged" in error.message and "locked" not in error.message
+
+
+def test_a_broker_on_a_damaged_duckdb_file_names_it_in_query_errors_and_refuses_a_damaged_snapshot(
+    make_broker: Any,
+) -> None:
+    broker = make_broker(**{"TQ_WORKER__HEARTBEAT_INTERVAL_SECS": "3600"})
+    client = broker.client()
+    client.submit_batch([m.TaskSpec(kind="db", payload=unique_bytes("live", i, 200), queue="db") for i in range(300)])
+    claimed = [a for _ in range(5) for a in client.claim("w", ["db"], max_tasks=10)]
+    for i, assignment in enumerate(claimed):
+        client.complete("w", assignment.task_id, unique_bytes("done", i, 200))
+    assert broker.terminate() == 0  # a graceful stop: the snapshot and history are in the DuckDB file
+    db_file = broker.data_dir / "tqbroker.duckdb"
+
+    flip_inside(db_file, unique_bytes("done", 25, 200))
+    client = broker.start().client()
+    with pytest.raises(InternalError) as raised:
+        client.query("SELECT sum(octet_length(result)) FROM task_history")
+    message = raised.value.message
+    assert str(db_file) in message and "cannot read task history" in message, message
+    assert broker.terminate() == 0
+
+    flip_inside(db_file, unique_bytes("live", 250, 200))
+    line = failed_start(broker.data_dir)
+    assert str(db_file) in line and "latest snapshot" in line and "restore the file from a backup" in line, line
+
+
+def flip_inside(path: Path, stored: bytes) -> None:
+    """Flips a byte in every copy of `stored` in the file (a freed block may still hold an old copy)."""
+    data = bytearray(path.read_bytes())
+    copies, at = [], data.find(stored)
+    while at >= 0:
+        copies, at = [*copies, at], data.find(stored, at + 1)
+    assert copies, "the stored bytes are not in the file as written (compressed?)"
+    for at in copies:
+        data[at + len(stored) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
