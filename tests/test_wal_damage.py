@@ -205,6 +205,18 @@ def test_accepting_damage_in_an_older_segment_moves_it_and_every_later_segment_a
     assert [n for n, _ in list_segments(wal_dir)] == [1]
 
 
+def test_accepting_a_damaged_header_moves_the_segment_aside_and_a_new_wal_starts_cleanly(
+    wal_dir: Path, records: list[WalRecord],
+) -> None:
+    write_records(wal_dir, records[:5])
+    second = write_records(wal_dir, records[5:])
+    flip(second, 0)
+    assert list(read_segments(wal_dir, 1, accept_damage=True)) == records[:5]
+    assert [n for n, _ in list_segments(wal_dir)] == [1], "nothing of the damaged segment is usable"
+    write_records(wal_dir, [records[7]])  # the next start opens segment 2 again, for new changes
+    assert list(read_segments(wal_dir, 1)) == [*records[:5], records[7]]
+
+
 def test_a_missing_middle_segment_stops_the_read_and_accepting_it_moves_the_later_ones_aside(
     wal_dir: Path, records: list[WalRecord],
 ) -> None:
