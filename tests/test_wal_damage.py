@@ -300,11 +300,11 @@ def test_the_broker_started_with_accept_wal_damage_keeps_the_records_before_it_a
     broker, path, offsets = full_wal
     flip(path, offsets[1500] + 30)
     broker.start(["--accept-wal-damage"])
-    assert broker.client().stats().pending == 1500
+    assert broker.client(timeout=30.0).stats().pending == 1500
     assert "accepting WAL damage" in broker.log() and f"after byte {offsets[1500]}" in broker.log()
     assert [p.name for p in (path.parent).glob("damaged-*/*")] == [path.name]
     broker.restart()  # without the flag: the intact records before the damage are still in the WAL
-    assert broker.client().stats().pending == 1500
+    assert broker.client(timeout=30.0).stats().pending == 1500
 
 
 def test_a_flipped_byte_in_the_last_record_is_cut_as_a_torn_tail_and_the_2999_before_it_survive(
@@ -313,7 +313,7 @@ def test_a_flipped_byte_in_the_last_record_is_cut_as_a_torn_tail_and_the_2999_be
     broker, path, offsets = full_wal
     flip(path, offsets[-2] + 30)
     broker.start()
-    assert broker.client().stats().pending == 2999
+    assert broker.client(timeout=30.0).stats().pending == 2999
     assert "torn tail" in broker.log()
 
 
@@ -392,7 +392,7 @@ def test_a_broker_on_a_damaged_duckdb_file_names_it_in_query_errors_and_refuses_
     db_file = broker.data_dir / "tqbroker.duckdb"
 
     flip_inside(db_file, unique_bytes("done", 25, 200))
-    client = broker.start().client()
+    client = broker.start().client(timeout=30.0)
     with pytest.raises(InternalError) as raised:
         client.query("SELECT sum(octet_length(result)) FROM task_history")
     message = raised.value.message
