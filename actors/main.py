@@ -44,11 +44,18 @@ def broker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", metavar="DIR",
                         help="where the WAL and DuckDB live (persistence.data_dir, default ./data)")
     parser.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error (monitoring.log_level)")
+    parser.add_argument("--accept-wal-damage", action="store_true",
+                        help="if a WAL segment is damaged (not a torn tail), move it and every later segment to "
+                             "DATA_DIR/wal/damaged-<time>/ and start from the records before the damage; changes "
+                             "after it may be lost (logged at ERROR). Without it such a start stops, exit status 1")
     return parser
 
 
 def load_broker_settings(argv: list[str]) -> Settings:
-    args = broker_parser().parse_args(argv)
+    return _settings_from(broker_parser().parse_args(argv))
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides={
         "broker.host": args.host, "broker.port": args.port,
         "persistence.data_dir": args.data_dir, "monitoring.log_level": args.log_level,
@@ -69,15 +76,16 @@ def main(argv: list[str]) -> int:
             return cli_main(argv, offline_query=_offline_query)
         print(f"tqbroker: {unknown_command(argv[0], [name for name, _ in command_lines()])}", file=sys.stderr)
         return 2
+    args = broker_parser().parse_args(argv)
     try:
-        settings = load_broker_settings(argv)
+        settings = _settings_from(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    return run_broker(settings)
+    return run_broker(settings, accept_wal_damage=args.accept_wal_damage)
 
 
-def run_broker(settings: Settings) -> int:
+def run_broker(settings: Settings, *, accept_wal_damage: bool = False) -> int:
     import gevent  # here, not at the top: the operator commands import this module and never need gevent
     import gevent.event
 
@@ -89,7 +97,7 @@ def run_broker(settings: Settings) -> int:
 
     setup_logging(settings.monitoring.log_level, settings.monitoring.json_logging)
     log.debug("settings: %s", settings_summary(settings))
-    system = BrokerSystem(settings)
+    system = BrokerSystem(settings, accept_wal_damage=accept_wal_damage)
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # before start: recovery may take seconds
         gevent.signal_handler(signum, stop.set)

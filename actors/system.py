@@ -84,8 +84,9 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 class BrokerSystem:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, accept_wal_damage: bool = False) -> None:
         self.settings = settings
+        self.accept_wal_damage = accept_wal_damage  # --accept-wal-damage: see storage.wal_damage
         self.data_dir = Path(settings.persistence.data_dir).resolve()
         self.started_at = time.time()
         self.ready = False
@@ -115,7 +116,7 @@ class BrokerSystem:
         self.db = DatabaseProcess(self.data_dir / DB_FILE)
         self.history = self.db.history
         snapshots = self.db.snapshots
-        state = recover(self.data_dir, snapshots)
+        state = recover(self.data_dir, snapshots, accept_wal_damage=self.accept_wal_damage)
         history_link = HistoryLink(self.history)
         if state.finished:
             try:

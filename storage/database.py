@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from storage.errors import QueryRefused, QueryTimeout, StorageError
+from storage.errors import QueryRefused, QueryTimeout, StorageCorrupt, StorageError, is_corruption
 
 log = logging.getLogger("tqbroker.storage")
 
@@ -63,16 +63,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 SCHEMA_VERSION = max(_MIGRATIONS)
 
 
-def _open_error_message(path: Path, exc: Exception) -> str:
+def _open_error(path: Path, exc: Exception) -> StorageError:
     text = str(exc)
-    if "lock" in text.lower():
+    if is_corruption(text):
+        return _failure(path, exc)
+    return StorageError(_open_error_message(path, text))
+
+
+def _open_error_message(path: Path, text: str) -> str:
+    if "Could not set lock" in text or "Conflicting lock" in text:  # not just "lock": "block" has it too
         pid = re.search(r"PID (\d+)", text)
         held_by = f" (PID {pid.group(1)})" if pid else ""
         return (
             f"database {path} is locked by another process{held_by} "
             "(is a broker already running on this data dir?)"
         )
-    first_line = text.splitlines()[0] if text else type(exc).__name__
+    first_line = text.splitlines()[0] if text else "unknown error"
     return f"cannot open database {path}: {first_line}"
 
 
@@ -80,12 +86,15 @@ def _invalidated(exc: Exception) -> bool:
     return isinstance(exc, duckdb.FatalException) or "invalidated" in str(exc)
 
 
-def _failure_message(path: Path, exc: Exception) -> str:
+def _failure(path: Path, exc: Exception) -> StorageError:
     text = str(exc)
     if "No space left on device" in text:
-        return f"disk full: {path}"
+        return StorageError(f"disk full: {path}")
     first_line = text.splitlines()[0] if text else type(exc).__name__
-    return f"database {path}: {first_line}"
+    if is_corruption(text):
+        return StorageCorrupt(f"database {path} is damaged ({first_line}); what is stored in that block cannot be "
+                              "read: restore the file from a backup")
+    return StorageError(f"database {path}: {first_line}")
 
 
 class _ReadJob:
@@ -143,7 +152,7 @@ class Database:
         try:
             self._conn = duckdb.connect(str(path), read_only=read_only, config=self._config)
         except duckdb.Error as exc:
-            raise StorageError(_open_error_message(self.path, exc)) from None
+            raise _open_error(self.path, exc) from None
         self._read_root = self._conn.cursor()  # cursors for reads are made from this, never used itself
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
         self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="duckdb-reader")
@@ -166,7 +175,7 @@ class Database:
         except duckdb.Error as exc:
             if _invalidated(exc):
                 self._reopen()
-            raise StorageError(_failure_message(self.path, exc)) from exc
+            raise _failure(self.path, exc) from exc
 
     def _reopen(self) -> None:
         """DuckDB invalidates a database after a fatal error (a CHECKPOINT that hit a full disk): the
@@ -182,7 +191,7 @@ class Database:
         try:
             self._writer.submit(reopen, self._conn).result()
         except duckdb.Error as exc:  # still no space: the next failing write tries again
-            log.error("cannot reopen %s yet: %s", self.path, _failure_message(self.path, exc))
+            log.error("cannot reopen %s yet: %s", self.path, _failure(self.path, exc).message)
 
     def run_read(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         """Runs `fn(cursor, *args)` on a reader thread with a fresh cursor.
@@ -196,7 +205,7 @@ class Database:
         try:
             return result.result(timeout=timeout)
         except duckdb.Error as exc:
-            raise StorageError(_failure_message(self.path, exc)) from exc
+            raise _failure(self.path, exc) from exc
         except FutureTimeout:
             self._stop(job, result)
             raise QueryTimeout(

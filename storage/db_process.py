@@ -28,7 +28,7 @@ import gevent.subprocess
 import msgspec
 
 from storage import db_wire
-from storage.errors import QueryResult, StorageError
+from storage.errors import QueryResult, StorageCorrupt, StorageError
 from storage.model import Counters, Task
 
 log = logging.getLogger("tqbroker.storage")
@@ -282,7 +282,12 @@ class SnapshotClient:
         if loaded is None:
             return None
         counter_values, wal_segment = loaded
-        return decode_tasks(blob), Counters(*counter_values), int(wal_segment)
+        try:
+            tasks = decode_tasks(blob)
+        except msgspec.MsgspecError as exc:  # a row DuckDB read back without complaint, but not a Task
+            raise StorageCorrupt(f"database {self._process.path} is damaged: a task of the latest snapshot does "
+                                 f"not decode ({exc}); restore the file from a backup") from None
+        return tasks, Counters(*counter_values), int(wal_segment)
 
 
 def decode_tasks(blob: bytes | bytearray) -> list[Task]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from storage.errors import QueryRefused, QueryTimeout, StorageError
+from storage.errors import QueryRefused, QueryTimeout, StorageCorrupt, StorageError
 
 HEAD = struct.Struct(">QQ")
 READY_ID = 0
@@ -34,6 +34,7 @@ ERROR_KINDS: dict[str, type[StorageError]] = {
     "storage": StorageError,
     "timeout": QueryTimeout,
     "refused": QueryRefused,
+    "corrupt": StorageCorrupt,
 }
 _KIND_OF = {cls: kind for kind, cls in ERROR_KINDS.items()}
 

@@ -19,6 +19,23 @@ class StorageError(Exception):
         self.message = message
 
 
+class StorageCorrupt(StorageError):
+    """The DuckDB file is damaged (a block fails its checksum, or cannot be read back): `.message` names
+    the file. Retrying does not help; the file needs the operator (restore it from a backup)."""
+
+    code = "INTERNAL"  # the protocol's error code when a client's request hits the damage (docs/protocol.md)
+
+
+# What DuckDB says when a block it reads back is damaged (DuckDB 2.0 wording).
+CORRUPTION_MARKERS = ("Corrupt database file", "does not match stored checksum", "Could not read enough bytes",
+                      "not a valid DuckDB database file")
+
+
+def is_corruption(text: str) -> bool:
+    """Whether a DuckDB error's text reports a damaged database file."""
+    return any(marker in text for marker in CORRUPTION_MARKERS)
+
+
 class QueryTimeout(StorageError):
     """A read ran past its bound and was interrupted."""
 

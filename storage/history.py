@@ -15,16 +15,17 @@ check can neither write the database nor touch other files. At most QUERY_MAX_RO
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import duckdb
 
 from storage.database import Database, fetch_one, transaction
-from storage.errors import QueryRefused, QueryResult
+from storage.errors import QueryRefused, QueryResult, StorageCorrupt, is_corruption
 from storage.model import Task
 
 QUERY_MAX_ROWS = 10_000
@@ -94,7 +95,8 @@ class TaskHistory:
 
     def get(self, task_id: str) -> Task | None:
         """The finished task, or None. `payload` is b"" and `lease_ms` 0: history does not keep them."""
-        return self._db.run_read(_get_task, task_id)
+        with _naming_history():
+            return self._db.run_read(_get_task, task_id)
 
     def query(self, sql: str, timeout: float) -> tuple[list[str], list[list[Any]]]:
         """Runs one read-only SELECT; returns (columns, rows), at most QUERY_MAX_ROWS rows."""
@@ -106,7 +108,8 @@ class TaskHistory:
 
         Raises QueryRefused (not one SELECT, or DuckDB rejected it) or QueryTimeout.
         """
-        return self._db.run_read(_run_query, sql, timeout=timeout)
+        with _naming_history():
+            return self._db.run_read(_run_query, sql, timeout=timeout)
 
     def delete_older_than(self, cutoff: float) -> int:
         """Deletes rows whose finished_at is before `cutoff` (unix seconds); returns how many."""
@@ -118,6 +121,15 @@ class TaskHistory:
 
     def count(self) -> int:
         return self._db.run_read(_count)
+
+
+@contextlib.contextmanager
+def _naming_history() -> Iterator[None]:
+    """A damaged block met while reading history says so: StorageCorrupt "cannot read task history: ..."."""
+    try:
+        yield
+    except StorageCorrupt as exc:
+        raise StorageCorrupt(f"cannot read task history: {exc.message}") from exc
 
 
 # ---------------------------------------------------------------------- thread-side functions
@@ -184,6 +196,8 @@ def _run_query(cursor: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
     except duckdb.InterruptException:
         raise
     except duckdb.Error as exc:
+        if is_corruption(str(exc)):
+            raise  # Database.run_read names the file: the SQL is fine, the history is damaged
         raise QueryRefused(str(exc).strip()) from None
     truncated = len(rows) > QUERY_MAX_ROWS
     return QueryResult(columns, [[_plain(v) for v in row] for row in rows[:QUERY_MAX_ROWS]], truncated)

@@ -16,6 +16,7 @@ from typing import Protocol
 import gevent
 import msgspec
 
+from storage.errors import StorageCorrupt
 from storage.model import Counters, Task, apply_record
 from storage.wal import list_segments, read_segments, wal_directory
 
@@ -42,14 +43,28 @@ class SnapshotSource(Protocol):
     def load_latest(self) -> tuple[list[Task], Counters, int] | None: ...
 
 
-def recover(data_dir: Path, snapshots: SnapshotSource) -> RecoveredState:
-    """Loads the newest snapshot and replays the WAL after it; cuts a torn WAL tail (see wal.py).
+def _load_snapshot(snapshots: SnapshotSource) -> tuple[list[Task], Counters, int] | None:
+    """The latest snapshot; a damaged one stops the start (StorageCorrupt naming the DuckDB file)."""
+    try:
+        return snapshots.load_latest()
+    except StorageCorrupt as exc:
+        raise StorageCorrupt(
+            f"cannot start from the latest snapshot: {exc.message}. Moving the file aside is no way out: the WAL "
+            "segments before that snapshot were deleted once it was written, so the live tasks it holds are "
+            "nowhere else (--accept-wal-damage does not cover the database)"
+        ) from exc
 
-    Raises WalCorruptError for damage it must not skip, StorageError for an unreadable snapshot.
+
+def recover(data_dir: Path, snapshots: SnapshotSource, *, accept_wal_damage: bool = False) -> RecoveredState:
+    """Loads the newest snapshot and replays the WAL after it; cuts a torn WAL tail (see wal_reader.py).
+
+    Raises WalCorruptError for WAL damage it must not skip, unless `accept_wal_damage` (the broker's
+    --accept-wal-damage): then the damaged segments are moved aside and replay stops before the damage.
+    Raises StorageError for an unreadable snapshot (the flag does not cover that).
     """
     started = time.perf_counter()
     wal_dir = wal_directory(data_dir)
-    loaded = snapshots.load_latest()
+    loaded = _load_snapshot(snapshots)
     if loaded is None:
         tasks: dict[str, Task] = {}
         counters, from_segment, snapshot_tasks = Counters(), 1, 0
@@ -59,7 +74,7 @@ def recover(data_dir: Path, snapshots: SnapshotSource) -> RecoveredState:
         snapshot_tasks = len(task_list)
     finished: list[Task] = []
     replayed = 0
-    for record in read_segments(wal_dir, from_segment):
+    for record in read_segments(wal_dir, from_segment, accept_damage=accept_wal_damage):
         done = apply_record(record, tasks, counters)
         if done is not None:
             finished.append(done)

@@ -24,6 +24,7 @@ import duckdb
 import msgspec
 
 from storage.database import Database, StorageError, fetch_one, transaction
+from storage.errors import StorageCorrupt
 from storage.model import Counters, Task
 
 SNAPSHOT_FORMAT_VERSION = 1
@@ -64,12 +65,12 @@ class SnapshotStore:
 
     def load_latest(self) -> tuple[list[Task], Counters, int] | None:
         """(tasks, counters, wal_segment) of the newest snapshot, or None if there is none."""
-        return self._db.run_read(_load_latest)
+        return self._db.run_read(_load_latest, str(self._db.path))
 
     def load_latest_blob(self) -> tuple[bytearray, Counters, int] | None:
         """`load_latest` with the tasks as one msgpack array (what the database process sends the
         broker), built row slice by row slice: a million Task objects never exist here at once."""
-        return self._db.run_read(_load_latest_blob)
+        return self._db.run_read(_load_latest_blob, str(self._db.path))
 
 
 def _write_snapshot(
@@ -114,22 +115,23 @@ def _latest_head(cursor: duckdb.DuckDBPyConnection) -> tuple[int, int, int, Coun
     return int(snapshot_id), int(wal_segment), int(task_count), counters
 
 
-def _check_count(snapshot_id: int, expected: int, found: int) -> None:
+def _check_count(path: str, snapshot_id: int, expected: int, found: int) -> None:
     if found != expected:
-        raise StorageError(f"snapshot {snapshot_id} should hold {expected} tasks but holds {found}")
+        raise StorageCorrupt(f"database {path} is damaged: snapshot {snapshot_id} should hold {expected} tasks "
+                             f"but holds {found}; restore the file from a backup")
 
 
-def _load_latest(cursor: duckdb.DuckDBPyConnection) -> tuple[list[Task], Counters, int] | None:
+def _load_latest(cursor: duckdb.DuckDBPyConnection, path: str) -> tuple[list[Task], Counters, int] | None:
     head = _latest_head(cursor)
     if head is None:
         return None
     snapshot_id, wal_segment, task_count, counters = head
     tasks = _fetch_tasks(cursor, snapshot_id)
-    _check_count(snapshot_id, task_count, len(tasks))
+    _check_count(path, snapshot_id, task_count, len(tasks))
     return tasks, counters, wal_segment
 
 
-def _load_latest_blob(cursor: duckdb.DuckDBPyConnection) -> tuple[bytearray, Counters, int] | None:
+def _load_latest_blob(cursor: duckdb.DuckDBPyConnection, path: str) -> tuple[bytearray, Counters, int] | None:
     head = _latest_head(cursor)
     if head is None:
         return None
@@ -141,7 +143,7 @@ def _load_latest_blob(cursor: duckdb.DuckDBPyConnection) -> tuple[bytearray, Cou
         for row in rows:
             encode_into(Task(*row), blob, -1)
         found += len(rows)
-    _check_count(snapshot_id, task_count, found)
+    _check_count(path, snapshot_id, task_count, found)
     return blob, counters, wal_segment
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 WAL_DIRNAME = "wal"
@@ -24,6 +25,7 @@ PREFIX = struct.Struct(">5sH")  # magic + version: the part every format version
 HEADER_V1 = struct.Struct(">5sHQ")  # magic + version + segment number
 RECORD_HEAD = struct.Struct(">II")  # payload length, crc32(payload)
 SEGMENT_NAME = re.compile(r"^wal-(\d{10})\.log$")
+ACCEPT_FLAG = "--accept-wal-damage"
 
 
 class WalError(Exception):
@@ -34,8 +36,26 @@ class WalError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class WalDamage:
+    """Where replay has to stop: bytes [0, offset) of segment `number` hold intact records (offset 0: not
+    even the header is usable, or the segment is missing); the rest of it and every later segment do not."""
+
+    number: int
+    path: Path
+    offset: int
+    reason: str
+
+
 class WalCorruptError(WalError):
-    """Damage that recovery must not silently skip: acknowledged changes may sit behind it."""
+    """Damage that recovery must not silently skip: acknowledged changes may sit behind it.
+
+    `damage` says where, when recovery could start from the records before it (`--accept-wal-damage`).
+    """
+
+    def __init__(self, message: str, damage: WalDamage | None = None) -> None:
+        super().__init__(message)
+        self.damage = damage
 
 
 def wal_directory(data_dir: str | Path) -> Path:
