@@ -74,7 +74,7 @@ log = logging.getLogger("tqbroker.queue")
 
 MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
-TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable within this of their run_at
+TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable, expired leases pending, within this of their time
 RECENT_FINISHED = 10_000
 
 
@@ -323,7 +323,10 @@ class QueueActor(HubActor):
         self._reply(msg.reply_to, Ok(id=msg.request_id))
 
     def _on_expire_leases(self, _msg: ExpireLeases) -> None:
-        now = time.time()
+        self._expire_leases(time.time())
+
+    def _expire_leases(self, now: float) -> None:
+        """Runs whose lease ran out before `now` go back to pending (the run counted)."""
         for task in self.index.expired_leases(now):
             log.info("lease expired", extra={"task_id": task.task_id, "worker_id": task.worker_id})
             self.metrics.leases_expired.inc()
@@ -355,6 +358,7 @@ class QueueActor(HubActor):
         for task in self.index.due_scheduled(now):
             self.ready_seq += 1
             self._change(task, states.promote(task, self.ready_seq))
+        self._expire_leases(now)
         self.waiters.expire(now)
         self.history.flush_due(now)
         if now - self._gauges_at >= self.gauge_interval_s:
