@@ -5,6 +5,11 @@ state machine (`task_states`), writes the WAL records of the whole message with 
 then tells the replies back (PROTOCOL.md "Durability"). A CLAIM that finds nothing waits as a stored
 reply address until a task arrives or its `wait_ms` runs out (`actors.waiters`). How answers are
 worded and told back is in `actors.answers`.
+
+It is essential (`actors.hub_actor`): an exception escaping a handler drops that message's unwritten
+WAL records and its replies, answers its requests and every waiting CLAIM with an error instead, and
+stops the broker (exit 70) without a snapshot of the half-changed memory; the next start replays the
+WAL, which holds every acknowledged change. The records of earlier messages are already written.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from actors import task_states as states
 from actors.answers import (
     Outbox,
     finished_answer,
+    not_durable,
     queue_gauges,
     refuse,
     send_outbox,
@@ -30,6 +36,7 @@ from actors.answers import (
     writable_error,  # also imported from here by actors.system
 )
 from actors.compactor import PrepareSnapshot, SnapshotData, SnapshotTaken
+from actors.crash_replies import crash_replies, refusals_after_crash
 from actors.envelopes import (
     ConnectionClosed,
     ExpireLeases,
@@ -43,7 +50,7 @@ from actors.envelopes import (
     WorkerSeen,
 )
 from actors.history_link import HistoryLink, HistoryWritten
-from actors.hub_actor import HubActor
+from actors.hub_actor import ActorCrashed, HubActor, injected_crash
 from actors.metrics import BrokerMetrics
 from actors.task_index import TaskIndex
 from actors.timers import every
@@ -79,6 +86,7 @@ RECENT_FINISHED = 10_000
 
 
 class QueueActor(HubActor):
+    crash_policy = "essential"
     def __init__(
         self, settings: Settings, wal: Any = None, history: HistoryLink | None = None,
         recovered: tuple[dict[str, Task], Counters] | None = None, registry: Any = None,
@@ -188,6 +196,7 @@ class QueueActor(HubActor):
         return None
 
     def _submit_one(self, spec: Any, now: float) -> tuple[str, bool]:
+        injected_crash(spec.kind)
         if spec.unique_key is not None:
             existing = self.index.unique.get((spec.queue, spec.unique_key))
             if existing is not None:
@@ -462,9 +471,29 @@ class QueueActor(HubActor):
                 outbox = {k: (ref, [refuse(m, exc) for m in msgs]) for k, (ref, msgs) in outbox.items()}
                 send_outbox(outbox)
                 return
-            self.wal.after_durable(lambda: send_outbox(outbox))
+            self.wal.after_durable(lambda: send_outbox(outbox), lambda exc: send_outbox(not_durable(outbox, exc)))
             return
         send_outbox(outbox)
+
+    # ------------------------------------------------------------ after a crash (see the module docstring)
+
+    def on_crash(self, message: Any) -> None:
+        """Never sends the crashing message's replies nor writes its records (`actors.crash_replies`)."""
+        self._ticker.kill(block=False)
+        self._records.clear()
+        unsent, self._outbox = self._outbox, {}
+        send_outbox(crash_replies(message, unsent, self.waiters, self.crashed or ""))
+
+    def after_crash(self, message: Any) -> Any:
+        """Requests get SHUTTING_DOWN, timers and notices nothing, asks (a snapshot) ActorCrashed."""
+        refusals = refusals_after_crash(message)
+        if refusals is not None:
+            send_outbox(refusals)
+        elif isinstance(message, PrepareSnapshot):
+            raise ActorCrashed(f"no snapshot of a crashed queue actor: {self.crashed}")
+        elif not isinstance(message, _IGNORED_AFTER_CRASH):
+            return super().after_crash(message)
+        return None
 
     _request_handlers: dict[type, Any] = {
         Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,
@@ -476,3 +505,6 @@ class QueueActor(HubActor):
         Shutdown: _on_shutdown, HistoryWritten: _on_history_written, ConnectionClosed: _on_connection_closed,
         PrepareSnapshot: _on_prepare_snapshot, SnapshotTaken: _on_snapshot_taken,
     }
+
+
+_IGNORED_AFTER_CRASH = (Tick, ExpireLeases, HistoryWritten, SnapshotTaken, ConnectionClosed, Shutdown)

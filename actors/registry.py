@@ -8,6 +8,9 @@ running tasks. A sweep of every worker on `check_interval_s` forgets long-dead o
 (HEARTBEAT's lease renewals, STATS, WORKERS, DEREGISTER) are passed on to the queue actor with the
 connection's reply address (`actors.outbox.ConnectionOutbox`), so the answer still takes no blocking
 `ask`.
+
+It is essential (`actors.hub_actor`): a crash stops the broker (exit 70); until then the crashing
+request is answered INTERNAL and every later one SHUTTING_DOWN.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import gevent
 
+from actors.crash_replies import STOPPING
 from actors.envelopes import (
     CheckWorkers,
     FillStats,
@@ -94,6 +98,8 @@ class DeadlineTick:
 
 
 class WorkerRegistryActor(HubActor):
+    crash_policy = "essential"
+
     def __init__(self, heartbeat_interval_s: float, check_interval_s: float, metrics: BrokerMetrics | None = None
                  ) -> None:
         super().__init__()
@@ -124,6 +130,21 @@ class WorkerRegistryActor(HubActor):
             self._check(time.time())
         elif isinstance(message, UseQueue):
             self.queue = message.queue
+
+    def on_crash(self, message: Any) -> None:
+        for timer in self._timers:
+            timer.kill(block=False)
+        if isinstance(message, RegistryRequest):
+            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.INTERNAL,  # type: ignore[attr-defined]
+                                          message=f"internal error, the request was not applied ({self.crashed}); "
+                                                  "retry once the broker has restarted"))
+
+    def after_crash(self, message: Any) -> None:
+        if isinstance(message, RegistryRequest):
+            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.SHUTTING_DOWN,  # type: ignore[attr-defined]
+                                          message=STOPPING))
+        elif not isinstance(message, (WorkerSeen, CheckWorkers, DeadlineTick, UseQueue)):
+            super().after_crash(message)
 
     @property
     def alive_count(self) -> int:
