@@ -80,10 +80,10 @@ class HubActor(pykka.ThreadingActor):
         try:
             return super()._handle_receive(message)
         except Exception as exc:
-            self._crash(message, exc)
-            raise ActorCrashed(self.crashed) from None  # an asker gets it; a tell ends in _handle_failure
+            raise ActorCrashed(self._crash(message, exc)) from None  # to an asker; a tell: _handle_failure
 
-    def _crash(self, message: Any, exc: Exception) -> None:
+    def _crash(self, message: Any, exc: Exception) -> str:
+        """Logs the crash and applies the actor's policy; returns the reason."""
         name = type(self).__name__
         what = (".".join(message.attr_path) if isinstance(message, pykka_messages.ProxyCall)
                 else type(message).__name__)
@@ -92,7 +92,7 @@ class HubActor(pykka.ThreadingActor):
         log.log(logging.CRITICAL if essential else logging.ERROR, "%s", reason, exc_info=exc,
                 extra={"actor": name, "message_type": what})
         if self.crash_policy == "restart":
-            return
+            return reason
         self.crashed = reason
         try:
             self.on_crash(message)
@@ -103,6 +103,7 @@ class HubActor(pykka.ThreadingActor):
                 listener(reason)
         else:
             self.actor_ref.stop(block=False)
+        return reason
 
     def _handle_failure(self, exception_type: type[BaseException] | None, exception_value: BaseException | None,
                         traceback: TracebackType | None) -> None:

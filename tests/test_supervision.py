@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from actors.hub_actor import CRASH_KIND
+from actors.hub_actor import CRASH_KIND, ActorCrashed, HubActor, set_crash_listener
 from storage.wal import FAIL_FSYNC_FLAG
 from tests.helpers import wait_for
 from transport.errors import BrokerError, InternalError, ShuttingDown
@@ -108,3 +108,60 @@ def test_a_failed_fsync_answers_every_waiting_request_internal_and_the_broker_st
     broker.restart()
     assert wait_for(lambda: readyz(broker.metrics_port)[0] == 200)
     assert broker.client().status(durable).state == "pending"
+
+
+# ------------------------------------------------------------------ the policies, on real threads
+
+
+class _Boom(HubActor):
+    def on_receive(self, message: object) -> object:
+        if message == "boom":
+            raise ValueError("boom")
+        return f"handled {message}"
+
+
+class _Restarting(_Boom):
+    crash_policy = "restart"
+
+
+class _Essential(_Boom):
+    crash_policy = "essential"
+
+
+def test_a_stateless_actor_that_crashes_handles_the_next_message_as_usual() -> None:
+    ref = _Restarting.start()
+    try:
+        with pytest.raises(ActorCrashed, match="_Restarting crashed handling str"):
+            ref.ask("boom")
+        ref.tell("boom")
+        assert ref.ask("ping") == "handled ping"
+    finally:
+        ref.stop()
+
+
+def test_an_ordinary_actor_that_crashes_stops_and_the_broker_is_not_told() -> None:
+    heard: list[str] = []
+    set_crash_listener(heard.append)
+    try:
+        ref = _Boom.start()
+        ref.tell("boom")
+        wait_for(lambda: not ref.is_alive())
+        assert heard == []
+    finally:
+        set_crash_listener(None)
+
+
+def test_an_essential_actor_that_crashes_tells_the_broker_once_and_refuses_every_later_ask() -> None:
+    heard: list[str] = []
+    set_crash_listener(heard.append)
+    ref = _Essential.start()
+    try:
+        ref.tell("boom")
+        with pytest.raises(ActorCrashed, match="_Essential crashed handling str: ValueError: boom"):
+            ref.ask("ping")  # never handled by an actor whose state may be half-changed
+        ref.tell("boom")
+        assert heard == ["_Essential crashed handling str: ValueError: boom"]
+        assert ref.is_alive()  # until the broker stops it
+    finally:
+        ref.stop()
+        set_crash_listener(None)
