@@ -65,6 +65,7 @@ class HubActor(pykka.ThreadingActor):
     """Base of every broker actor."""
 
     crash_policy: ClassVar[CrashPolicy] = "stop"
+    expected_errors: ClassVar[tuple[type[Exception], ...]] = ()  # raised to the asker, state unchanged: no crash
     crashed: str | None = None  # why this actor crashed, once it has
 
     @staticmethod
@@ -79,6 +80,8 @@ class HubActor(pykka.ThreadingActor):
             return self.after_crash(message)
         try:
             return super()._handle_receive(message)
+        except self.expected_errors:
+            raise
         except Exception as exc:
             raise ActorCrashed(self._crash(message, exc)) from None  # to an asker; a tell: _handle_failure
 

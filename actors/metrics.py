@@ -99,11 +99,18 @@ class BrokerMetrics:
         self.history_backlog.set(history_backlog)
 
 
-def health_app(metrics: BrokerMetrics, readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> Callable:
-    """A WSGI app: /metrics (Prometheus text), /healthz (process alive), /readyz (ready to serve)."""
+def health_app(metrics: BrokerMetrics, readiness: Callable[[], tuple[bool, dict[str, Any]]],
+               guard: Callable[[dict[str, Any]], Any] | None = None) -> Callable:
+    """A WSGI app: /metrics (Prometheus text), /healthz (process alive), /readyz (ready to serve).
+
+    `guard(environ)` (actors.http_guard) returns (status, headers, message) for a request it refuses."""
 
     def app(environ: dict[str, Any], start_response: Callable) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")
+        refusal = guard(environ) if guard is not None else None
+        if refusal is not None:
+            status, headers, message = refusal
+            return _json(start_response, status, {"error": message}, headers)
         if path == "/metrics":
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
             return [generate_latest(metrics.registry)]
@@ -119,7 +126,9 @@ def health_app(metrics: BrokerMetrics, readiness: Callable[[], tuple[bool, dict[
     return app
 
 
-def _json(start_response: Callable, status: str, body: dict[str, Any]) -> list[bytes]:
+def _json(start_response: Callable, status: str, body: dict[str, Any],
+          headers: list[tuple[str, str]] | None = None) -> list[bytes]:
     data = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                            *(headers or [])])
     return [data]

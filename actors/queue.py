@@ -57,6 +57,7 @@ from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
 from storage.model import Counters, LeasesRenewed, Task, TaskState, WalRecord, apply_record
+from storage.wal_format import WalError
 from transport.messages import (
     Assigned,
     Assignment,
@@ -87,6 +88,7 @@ RECENT_FINISHED = 10_000
 
 class QueueActor(HubActor):
     crash_policy = "essential"
+    expected_errors = (WalError,)  # PrepareSnapshot: the WAL cannot rotate (disk full); nothing changed
     def __init__(
         self, settings: Settings, wal: Any = None, history: HistoryLink | None = None,
         recovered: tuple[dict[str, Task], Counters] | None = None, registry: Any = None,

@@ -25,6 +25,7 @@ from actors.connection import serve_connection
 from actors.context import ApiKeys, BrokerContext
 from actors.envelopes import Shutdown
 from actors.history_link import HistoryLink
+from actors.http_guard import http_guard, remote_policy
 from actors.hub_actor import set_crash_listener
 from actors.lease_watcher import LeaseWatcherActor
 from actors.metrics import BrokerMetrics, health_app
@@ -146,14 +147,18 @@ class BrokerSystem:
         m = self.settings.monitoring
         if m.prometheus_port == 0:
             return
-        self.http = WSGIServer((m.prometheus_host, m.prometheus_port), health_app(self.metrics, self.readiness),
-                               log=None, error_log=logging.getLogger("tqbroker.http"))
+        auth = self.settings.auth
+        app = health_app(self.metrics, self.readiness, http_guard(auth, ApiKeys(auth.api_keys)))
+        self.http = WSGIServer((m.prometheus_host, m.prometheus_port), app, log=None,
+                               error_log=logging.getLogger("tqbroker.http"))
         try:
             self.http.start()
         except OSError as exc:
             self.http = None
             raise ListenError(f"cannot serve metrics on {m.prometheus_host}:{m.prometheus_port}: "
                               f"{exc.strerror or exc} (monitoring.prometheus_port; 0 turns it off)") from None
+        log.info("metrics and health on http://%s:%d (/metrics, /healthz, /readyz); %s", m.prometheus_host,
+                 self.http.server_port, remote_policy(auth))
 
     def _essential_crashed(self, reason: str) -> None:
         """An essential actor crashed (it logged why): not ready from now on, and the process must stop."""
