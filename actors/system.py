@@ -89,7 +89,7 @@ class BrokerSystem:
         self.registry: Any = None
         self.compactor: Any = None
         self.lease_watcher: Any = None
-        self.metrics = BrokerMetrics()
+        self.metrics = BrokerMetrics(settings.monitoring.max_queue_labels)
         self.http: WSGIServer | None = None
 
     def start(self) -> None:
