@@ -41,7 +41,8 @@ log = logging.getLogger("tqbroker.supervision")
 
 CrashPolicy = Literal["essential", "restart", "stop"]
 TEST_HOOKS = os.environ.get("TQ_TEST_HOOKS") == "1"  # test-only fault injection, read once at start
-CRASH_KIND = "tq.test.crash"  # with TEST_HOOKS, a task of this kind makes the queue actor's handler raise
+CRASH_KIND = "tq.test.crash"  # with TEST_HOOKS: a task of this kind, or a REGISTER of this name, makes the
+#                               queue actor's or the registry's handler raise
 
 _listener: list[Callable[[str], None]] = []
 
@@ -52,7 +53,8 @@ def set_crash_listener(listener: Callable[[str], None] | None) -> None:
 
 
 def injected_crash(kind: str) -> None:
-    """Raises when test hooks are on and `kind` is CRASH_KIND: a handler failing mid-message."""
+    """Raises when test hooks are on and `kind` (a task kind, a worker name) is CRASH_KIND: a handler
+    failing mid-message."""
     if TEST_HOOKS and kind == CRASH_KIND:
         raise RuntimeError(f"crash injected by a test (TQ_TEST_HOOKS=1, task kind {CRASH_KIND})")
 

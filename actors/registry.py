@@ -34,7 +34,7 @@ from actors.envelopes import (
     Replies,
     WorkerSeen,
 )
-from actors.hub_actor import HubActor
+from actors.hub_actor import HubActor, injected_crash
 from actors.metrics import BrokerMetrics
 from actors.timers import every
 from transport.messages import (
@@ -227,6 +227,7 @@ class WorkerRegistryActor(HubActor):
             self.queue.tell(FillWorkers(request_id=req.id, workers=infos, reply_to=reply_to))
 
     def _register(self, req: Register, reply_to: Any, now: float) -> None:
+        injected_crash(req.name or "")
         worker_id = req.worker_id or f"w-{uuid.uuid4().hex[:16]}"
         worker = self._known(worker_id, now)
         worker.alive, worker.last_heartbeat = True, now

@@ -77,6 +77,15 @@ def test_requests_after_a_crash_get_an_error_or_a_closed_connection_never_silenc
     assert broker.proc is not None and broker.proc.wait(timeout=30) == 70
 
 
+def test_a_crash_in_the_worker_registry_stops_the_broker_too(make_broker) -> None:
+    broker = make_broker(TQ_TEST_HOOKS="1")
+    client = broker.client(timeout=10)
+    with pytest.raises(InternalError, match="WorkerRegistryActor crashed handling RegistryRequest"):
+        client.register("w1", name=CRASH_KIND)
+    assert broker.proc is not None and broker.proc.wait(timeout=30) == 70
+    assert '"level": "critical"' in broker.log()
+
+
 def _claim(worker_id: str, queue: str, wait_ms: int) -> Claim:
     return Claim(id=0, worker_id=worker_id, queues=[queue], max_tasks=1, wait_ms=wait_ms)
 
