@@ -59,6 +59,9 @@ def injected_crash(kind: str) -> None:
         raise RuntimeError(f"crash injected by a test (TQ_TEST_HOOKS=1, task kind {CRASH_KIND})")
 
 
+_pykka_receive = pykka.ThreadingActor._handle_receive  # bound once: no super() on every message
+
+
 class ActorCrashed(Exception):
     """Raised to an asker of an actor that crashed; already logged, it does not stop the actor."""
 
@@ -81,7 +84,7 @@ class HubActor(pykka.ThreadingActor):
         if self.crashed is not None:
             return self.after_crash(message)
         try:
-            return super()._handle_receive(message)
+            return _pykka_receive(self, message)
         except self.expected_errors:
             raise
         except Exception as exc:

@@ -92,10 +92,12 @@ def run_broker(settings: Settings) -> int:
     if system.failure is not None:
         return _stop_after_crash(system)
     log.info("stopping: signal received")
-    if not system.stop():
+    clean = system.stop()
+    status = EXIT_SOFTWARE if system.failure is not None else 0  # an actor may crash during the stop itself
+    if not clean:
         logging.shutdown()
-        os._exit(0)  # a snapshot thread is still in DuckDB: do not wait for it (the WAL holds everything)
-    return 0
+        os._exit(status)  # a snapshot thread is still in DuckDB: do not wait for it (the WAL holds everything)
+    return status
 
 
 def _stop_after_crash(system: Any) -> int:
