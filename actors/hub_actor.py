@@ -22,6 +22,10 @@ is each actor's `crash_policy`:
   as usual.
 - "stop" (a connection's actor, the default): one ERROR line, `on_crash` (closing what it owns), then
   the actor stops; later messages are dropped as `after_crash` says.
+
+`expected_errors` are raised to the asker without being a crash (the handler changed nothing first).
+This relies on Pykka's `_handle_receive` and `_handle_failure` (private, unchanged since Pykka 1);
+tests/test_supervision.py fails if they change.
 """
 
 from __future__ import annotations
