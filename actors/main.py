@@ -102,6 +102,8 @@ def run_broker(settings: Settings) -> int:
 
 def _stop_after_crash(system: Any) -> int:
     """The bounded stop after an essential actor crashed: no final snapshot, exit status 70."""
+    import gevent  # local, like run_broker's: the operator commands import this module without gevent
+
     log.warning("stopping after an internal error, without a final snapshot (the next start replays the WAL); "
                 "exit status %d", EXIT_SOFTWARE)
     gevent.spawn_later(CRASH_STOP_DEADLINE_S, os._exit, EXIT_SOFTWARE)
