@@ -53,6 +53,8 @@ class SnapshotTaken(Struct, gc=False):
 
 
 class CompactorActor(HubActor):
+    crash_policy = "essential"  # actors.hub_actor: a crash stops the broker; no snapshot after it
+
     def __init__(self, queue: Any, snapshots: Any, history: Any, persistence: Any) -> None:
         super().__init__()
         self.queue = queue

@@ -65,6 +65,10 @@ class ConnectionActor(HubActor):
         super().__init__()
         self.outbox = outbox
 
+    def on_crash(self, message: Any) -> None:
+        """A crash ends this connection only (actors.hub_actor's "stop" policy): the client sees it close."""
+        self.outbox.shutdown()
+
     def on_receive(self, message: Any) -> None:
         outbox = self.outbox
         if isinstance(message, Replies):

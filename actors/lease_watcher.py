@@ -1,7 +1,11 @@
 """LeaseWatcherActor: every `broker.lease_check_interval_secs`, sends expired leases back to pending.
 
 It owns no task state: it is the clock that asks the queue actor, which owns the leases, to return
-every run whose lease ran out (PROTOCOL.md: pending at once, the run counted).
+every run whose lease ran out (docs/protocol.md: pending again, the run counted). The queue actor
+already expires leases on its own 10 ms tick; this is the safety sweep behind it.
+
+It holds no state, so a crash is logged and the next message handled as usual ("restart" in
+`actors.hub_actor`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from actors.timers import every
 
 
 class LeaseWatcherActor(HubActor):
+    crash_policy = "restart"
+
     def __init__(self, queue: Any, interval_s: float) -> None:
         super().__init__()
         self.queue = queue

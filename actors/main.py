@@ -1,7 +1,9 @@
 """The command line: `tqbroker [broker flags]` (also `python -m actors`), or a command (worker, sql, ...).
 
 The broker itself runs here: settings are loaded (file < environment < flags), a bad one exits with
-status 2 and one line naming the key, a busy port with status 1, and SIGTERM/SIGINT stop it cleanly.
+status 2 and one line naming the key, a busy port with status 1, and SIGTERM/SIGINT stop it cleanly
+(status 0). A crash of an essential actor stops it without a final snapshot, with status 70
+(EX_SOFTWARE), so a supervisor restarts it and the restart replays the WAL.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 from config.settings import ConfigError, Settings, load_settings, settings_summary
 
 WORKER_HELP = "run the @task functions of Python modules, claiming their tasks from the broker"
+EXIT_SOFTWARE = 70  # an essential actor crashed (sysexits.h EX_SOFTWARE)
+CRASH_STOP_DEADLINE_S = 15.0  # after a crash the bounded stop gets this long, then the process just exits
 
 log = logging.getLogger("tqbroker")
 
@@ -99,6 +104,7 @@ def run_broker(settings: Settings, *, accept_wal_damage: bool = False) -> int:
     log.debug("settings: %s", settings_summary(settings))
     system = BrokerSystem(settings, accept_wal_damage=accept_wal_damage)
     stop = gevent.event.Event()
+    system.on_fatal = stop.set
     for signum in (signal.SIGTERM, signal.SIGINT):  # before start: recovery may take seconds
         gevent.signal_handler(signum, stop.set)
     try:
@@ -109,11 +115,27 @@ def run_broker(settings: Settings, *, accept_wal_damage: bool = False) -> int:
         remove_empty_dirs(system.created_dirs)
         return 1
     stop.wait()
+    if system.failure is not None:
+        return _stop_after_crash(system)
     log.info("stopping: signal received")
-    if not system.stop():
+    clean = system.stop()
+    status = EXIT_SOFTWARE if system.failure is not None else 0  # an actor may crash during the stop itself
+    if not clean:
         logging.shutdown()
-        os._exit(0)  # a snapshot thread is still in DuckDB: do not wait for it (the WAL holds everything)
-    return 0
+        os._exit(status)  # a snapshot thread is still in DuckDB: do not wait for it (the WAL holds everything)
+    return status
+
+
+def _stop_after_crash(system: Any) -> int:
+    """The bounded stop after an essential actor crashed: no final snapshot, exit status 70."""
+    import gevent  # local, like run_broker's: the operator commands import this module without gevent
+
+    log.warning("stopping after an internal error, without a final snapshot (the next start replays the WAL); "
+                "exit status %d", EXIT_SOFTWARE)
+    gevent.spawn_later(CRASH_STOP_DEADLINE_S, os._exit, EXIT_SOFTWARE)
+    system.stop()
+    logging.shutdown()
+    return EXIT_SOFTWARE
 
 
 def _offline_query(sql: str, data_dir: str | None = None) -> tuple[list[str], list[list[object]]]:

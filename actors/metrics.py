@@ -7,6 +7,10 @@ the queue actor adds it up and publishes it on its 10 ms tick (see QueueActor._p
 Gauges are set by the queue and registry actors on their maintenance timer, so a scrape never asks an
 actor anything.
 Label children are cached per queue: `.labels()` costs a dict lookup and a lock, too much per task.
+Queue label values are bounded (`monitoring.max_queue_labels`): the first that many queue names seen
+since start get their own series, later ones are counted under `queue="_other"`, so a client inventing
+queue names cannot grow the scrape (or the caches here) without end. `tq_queue_pending` is rebuilt on
+every gauge refresh, so a queue with no pending task leaves it then.
 """
 
 from __future__ import annotations
@@ -20,10 +24,29 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 PROCESSING_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+OTHER_QUEUES = "_other"  # the queue label of every queue past monitoring.max_queue_labels
+DEFAULT_MAX_QUEUE_LABELS = 1000
+
+
+class QueueLabels:
+    """The queue label value of a queue name: its own for the first `cap` names, then OTHER_QUEUES."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.known: set[str] = set()
+
+    def __call__(self, queue: str) -> str:
+        if queue in self.known:
+            return queue
+        if len(self.known) < self.cap:
+            self.known.add(queue)
+            return queue
+        return OTHER_QUEUES
 
 
 class BrokerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, max_queue_labels: int = DEFAULT_MAX_QUEUE_LABELS) -> None:
+        self.queue_label = QueueLabels(max_queue_labels)
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.tasks_total = Counter("tq_tasks", "Tasks that reached a terminal state", ["queue", "outcome"], registry=r)
         self.tasks_pending = Gauge("tq_tasks_pending", "Tasks waiting to be claimed (all queues)", registry=r)
@@ -59,22 +82,24 @@ class BrokerMetrics:
     # ------------------------------------------------------------ events (cached label children)
 
     def count_submitted(self, queue: str, n: int = 1) -> None:
-        child = self._submitted.get(queue)
+        label = self.queue_label(queue)
+        child = self._submitted.get(label)
         if child is None:
-            child = self._submitted[queue] = self.submitted.labels(queue)
+            child = self._submitted[label] = self.submitted.labels(label)
         child.inc(n)
 
     def count_finished(self, queue: str, outcome: str) -> None:
-        key = (queue, outcome)
+        key = (self.queue_label(queue), outcome)
         child = self._finished.get(key)
         if child is None:
-            child = self._finished[key] = self.tasks_total.labels(queue, outcome)
+            child = self._finished[key] = self.tasks_total.labels(*key)
         child.inc()
 
     def observe_processing(self, queue: str, seconds: float) -> None:
-        child = self._processing.get(queue)
+        label = self.queue_label(queue)
+        child = self._processing.get(label)
         if child is None:
-            child = self._processing[queue] = self.processing.labels(queue)
+            child = self._processing[label] = self.processing.labels(label)
         child.observe(seconds)
 
     def count_errors(self, codes: Iterable[str]) -> None:
@@ -93,17 +118,28 @@ class BrokerMetrics:
         self.tasks_scheduled.set(scheduled)
         for tier in ("high", "normal", "low"):
             self.queue_depth.labels(tier).set(tiers.get(tier, 0))
-        self.queue_pending.clear()
+        by_label: dict[str, int] = {}
         for queue, count in per_queue.items():
-            self.queue_pending.labels(queue).set(count)
+            label = self.queue_label(queue)
+            by_label[label] = by_label.get(label, 0) + count
+        self.queue_pending.clear()
+        for label, count in by_label.items():
+            self.queue_pending.labels(label).set(count)
         self.history_backlog.set(history_backlog)
 
 
-def health_app(metrics: BrokerMetrics, readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> Callable:
-    """A WSGI app: /metrics (Prometheus text), /healthz (process alive), /readyz (ready to serve)."""
+def health_app(metrics: BrokerMetrics, readiness: Callable[[], tuple[bool, dict[str, Any]]],
+               guard: Callable[[dict[str, Any]], Any] | None = None) -> Callable:
+    """A WSGI app: /metrics (Prometheus text), /healthz (process alive), /readyz (ready to serve).
+
+    `guard(environ)` (actors.http_guard) returns (status, headers, message) for a request it refuses."""
 
     def app(environ: dict[str, Any], start_response: Callable) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")
+        refusal = guard(environ) if guard is not None else None
+        if refusal is not None:
+            status, headers, message = refusal
+            return _json(start_response, status, {"error": message}, headers)
         if path == "/metrics":
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
             return [generate_latest(metrics.registry)]
@@ -119,7 +155,9 @@ def health_app(metrics: BrokerMetrics, readiness: Callable[[], tuple[bool, dict[
     return app
 
 
-def _json(start_response: Callable, status: str, body: dict[str, Any]) -> list[bytes]:
+def _json(start_response: Callable, status: str, body: dict[str, Any],
+          headers: list[tuple[str, str]] | None = None) -> list[bytes]:
     data = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                            *(headers or [])])
     return [data]

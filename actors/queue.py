@@ -5,6 +5,11 @@ state machine (`task_states`), writes the WAL records of the whole message with 
 then tells the replies back (PROTOCOL.md "Durability"). A CLAIM that finds nothing waits as a stored
 reply address until a task arrives or its `wait_ms` runs out (`actors.waiters`). How answers are
 worded and told back is in `actors.answers`.
+
+It is essential (`actors.hub_actor`): an exception escaping a handler drops that message's unwritten
+WAL records and its replies, answers its requests and every waiting CLAIM with an error instead, and
+stops the broker (exit 70) without a snapshot of the half-changed memory; the next start replays the
+WAL, which holds every acknowledged change. The records of earlier messages are already written.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from actors import task_states as states
 from actors.answers import (
     Outbox,
     finished_answer,
+    not_durable,
     queue_gauges,
     refuse,
     send_outbox,
@@ -30,6 +36,7 @@ from actors.answers import (
     writable_error,  # also imported from here by actors.system
 )
 from actors.compactor import PrepareSnapshot, SnapshotData, SnapshotTaken
+from actors.crash_replies import crash_replies, refusals_after_crash
 from actors.envelopes import (
     ConnectionClosed,
     ExpireLeases,
@@ -44,13 +51,14 @@ from actors.envelopes import (
     WorkerSeen,
 )
 from actors.history_link import HistoryLink, HistoryWritten
-from actors.hub_actor import HubActor
+from actors.hub_actor import ActorCrashed, HubActor, injected_crash
 from actors.metrics import BrokerMetrics
 from actors.task_index import TaskIndex
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
 from storage.model import Counters, LeasesRenewed, Task, TaskState, WalRecord, apply_record
+from storage.wal_format import WalError
 from transport.messages import (
     Assigned,
     Assignment,
@@ -75,11 +83,13 @@ log = logging.getLogger("tqbroker.queue")
 
 MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
-TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable within this of their run_at
+TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable, expired leases pending, within this of their time
 RECENT_FINISHED = 10_000
 
 
 class QueueActor(HubActor):
+    crash_policy = "essential"
+    expected_errors = (WalError,)  # PrepareSnapshot: the WAL cannot rotate (disk full); nothing changed
     def __init__(
         self, settings: Settings, wal: Any = None, history: HistoryLink | None = None,
         recovered: tuple[dict[str, Task], Counters] | None = None, registry: Any = None,
@@ -190,6 +200,7 @@ class QueueActor(HubActor):
         return None
 
     def _submit_one(self, spec: Any, now: float) -> tuple[str, bool]:
+        injected_crash(spec.kind)
         if spec.unique_key is not None:
             existing = self.index.unique.get((spec.queue, spec.unique_key))
             if existing is not None:
@@ -327,7 +338,10 @@ class QueueActor(HubActor):
         self._reply(msg.reply_to, Ok(id=msg.request_id))
 
     def _on_expire_leases(self, _msg: ExpireLeases) -> None:
-        now = time.time()
+        self._expire_leases(time.time())
+
+    def _expire_leases(self, now: float) -> None:
+        """Runs whose lease ran out before `now` go back to pending (the run counted)."""
         for task in self.index.expired_leases(now):
             log.info("lease expired", extra={"task_id": task.task_id, "worker_id": task.worker_id})
             self.metrics.leases_expired.inc()
@@ -359,6 +373,7 @@ class QueueActor(HubActor):
         for task in self.index.due_scheduled(now):
             self.ready_seq += 1
             self._change(task, states.promote(task, self.ready_seq))
+        self._expire_leases(now)
         self.waiters.expire(now)
         self.history.flush_due(now)
         if now - self._gauges_at >= self.gauge_interval_s:
@@ -470,9 +485,29 @@ class QueueActor(HubActor):
                 outbox = {k: (ref, [refuse(m, exc) for m in msgs]) for k, (ref, msgs) in outbox.items()}
                 send_outbox(outbox)
                 return
-            self.wal.after_durable(lambda: send_outbox(outbox))
+            self.wal.after_durable(lambda: send_outbox(outbox), lambda exc: send_outbox(not_durable(outbox, exc)))
             return
         send_outbox(outbox)
+
+    # ------------------------------------------------------------ after a crash (see the module docstring)
+
+    def on_crash(self, message: Any) -> None:
+        """Never sends the crashing message's replies nor writes its records (`actors.crash_replies`)."""
+        self._ticker.kill(block=False)
+        self._records.clear()
+        unsent, self._outbox = self._outbox, {}
+        send_outbox(crash_replies(message, unsent, self.waiters, self.crashed or ""))
+
+    def after_crash(self, message: Any) -> Any:
+        """Requests get SHUTTING_DOWN, timers and notices nothing, asks (a snapshot) ActorCrashed."""
+        refusals = refusals_after_crash(message)
+        if refusals is not None:
+            send_outbox(refusals)
+        elif isinstance(message, PrepareSnapshot):
+            raise ActorCrashed(f"no snapshot of a crashed queue actor: {self.crashed}")
+        elif not isinstance(message, _IGNORED_AFTER_CRASH):
+            return super().after_crash(message)
+        return None
 
     _request_handlers: dict[type, Any] = {
         Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,
@@ -484,3 +519,6 @@ class QueueActor(HubActor):
         Shutdown: _on_shutdown, HistoryWritten: _on_history_written, ConnectionClosed: _on_connection_closed,
         PrepareSnapshot: _on_prepare_snapshot, SnapshotTaken: _on_snapshot_taken,
     }
+
+
+_IGNORED_AFTER_CRASH = (Tick, ExpireLeases, HistoryWritten, SnapshotTaken, ConnectionClosed, Shutdown)

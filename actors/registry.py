@@ -2,14 +2,20 @@
 
 Registration (explicit, or automatic on a worker id's first HEARTBEAT or CLAIM), metadata, heartbeats
 with CPU and memory, and dead-worker detection: a worker silent for 2 × `worker.heartbeat_interval_secs`
-is declared dead and the queue actor reclaims its running tasks. Requests that also need task state
+is declared dead within DEADLINE_TICK_S of that deadline (a heap of deadlines, looked at on a short
+timer; a heartbeat pushes a new entry and the old one goes stale) and the queue actor reclaims its
+running tasks. A sweep of every worker on `check_interval_s` forgets long-dead ones. Requests that also need task state
 (HEARTBEAT's lease renewals, STATS, WORKERS, DEREGISTER) are passed on to the queue actor with the
 connection's reply address (`actors.outbox.ConnectionOutbox`), so the answer still takes no blocking
 `ask`.
+
+It is essential (`actors.hub_actor`): a crash stops the broker (exit 70); until then the crashing
+request is answered INTERNAL and every later one SHUTTING_DOWN.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 import uuid
@@ -17,6 +23,7 @@ from typing import Any
 
 import gevent
 
+from actors.crash_replies import STOPPING
 from actors.envelopes import (
     CheckWorkers,
     FillStats,
@@ -28,7 +35,7 @@ from actors.envelopes import (
     Replies,
     WorkerSeen,
 )
-from actors.hub_actor import HubActor
+from actors.hub_actor import HubActor, injected_crash
 from actors.metrics import BrokerMetrics
 from actors.timers import every
 from transport.messages import (
@@ -48,6 +55,7 @@ log = logging.getLogger("tqbroker.registry")
 
 DEAD_WORKER_RETENTION_S = 3600.0
 RECOVERY_GRACE_S = 5.0  # after a restart, workers of recovered tasks get up to this long extra to reconnect
+DEADLINE_TICK_S = 0.02  # a silent worker is declared dead within this of its 2 × heartbeat deadline
 
 
 class WorkerRecord:
@@ -87,7 +95,13 @@ class UseQueue:
         self.queue = queue
 
 
+class DeadlineTick:
+    """From the registry's own short timer: declare dead the workers whose deadline has passed."""
+
+
 class WorkerRegistryActor(HubActor):
+    crash_policy = "essential"
+
     def __init__(self, heartbeat_interval_s: float, check_interval_s: float, metrics: BrokerMetrics | None = None
                  ) -> None:
         super().__init__()
@@ -96,14 +110,16 @@ class WorkerRegistryActor(HubActor):
         self.check_interval_s = check_interval_s
         self.workers: dict[str, WorkerRecord] = {}
         self.queue: Any = None
-        self._timer: gevent.Greenlet | None = None
+        self._deadlines: list[tuple[float, str]] = []  # (when silence makes it dead, worker id); lazy deletion
+        self._timers: list[gevent.Greenlet] = []
 
     def on_start(self) -> None:
-        self._timer = every(self.check_interval_s, self.actor_ref, CheckWorkers())
+        self._timers = [every(self.check_interval_s, self.actor_ref, CheckWorkers()),
+                        every(DEADLINE_TICK_S, self.actor_ref, DeadlineTick())]
 
     def on_stop(self) -> None:
-        if self._timer is not None:
-            self._timer.kill(block=False)
+        for timer in self._timers:
+            timer.kill(block=False)
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, RegistryRequest):
@@ -112,10 +128,27 @@ class WorkerRegistryActor(HubActor):
             self._seen(message.worker_id, time.time(), message.recovered)
         elif isinstance(message, ForgetClaimer):
             self._forget_claimer(message.worker_id)
+        elif isinstance(message, DeadlineTick):
+            self._check_due(time.time())
         elif isinstance(message, CheckWorkers):
             self._check(time.time())
         elif isinstance(message, UseQueue):
             self.queue = message.queue
+
+    def on_crash(self, message: Any) -> None:
+        for timer in self._timers:
+            timer.kill(block=False)
+        if isinstance(message, RegistryRequest):
+            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.INTERNAL,  # type: ignore[attr-defined]
+                                          message=f"internal error, the request was not applied ({self.crashed}); "
+                                                  "retry once the broker has restarted"))
+
+    def after_crash(self, message: Any) -> None:
+        if isinstance(message, RegistryRequest):
+            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.SHUTTING_DOWN,  # type: ignore[attr-defined]
+                                          message=STOPPING))
+        elif not isinstance(message, (WorkerSeen, CheckWorkers, DeadlineTick, UseQueue, ForgetClaimer)):
+            super().after_crash(message)
 
     @property
     def alive_count(self) -> int:
@@ -127,7 +160,29 @@ class WorkerRegistryActor(HubActor):
         if worker is None:
             worker = self.workers[worker_id] = WorkerRecord(worker_id, now)
             log.info("worker registered", extra={"worker_id": worker_id})
+            self._arm(worker)
         return worker
+
+    def _deadline(self, worker: WorkerRecord) -> float:
+        """When `worker` is dead if it stays silent: 2 × heartbeat after the last one, not in its grace."""
+        return max(worker.last_heartbeat + self.dead_after_s, worker.grace_until)
+
+    def _arm(self, worker: WorkerRecord) -> None:
+        """Indexes the worker's current deadline; call after last_heartbeat or grace_until changed.
+
+        The heap holds at most about (2 × heartbeat / heartbeat interval) + 1 entries per worker, since
+        each entry leaves it when its time comes; a stale one (the worker heartbeated since) is skipped.
+        """
+        heapq.heappush(self._deadlines, (self._deadline(worker), worker.worker_id))
+
+    def _check_due(self, now: float) -> None:
+        """Declares dead every alive worker whose current deadline has passed; O(1) when none has."""
+        heap = self._deadlines
+        while heap and heap[0][0] < now:
+            _, worker_id = heapq.heappop(heap)
+            worker = self.workers.get(worker_id)
+            if worker is not None and worker.alive and self._deadline(worker) < now:
+                self._declare_dead(worker, now)
 
     def _seen(self, worker_id: str, now: float, recovered: bool = False) -> None:
         """A CLAIM from a worker the queue had not seen (new, or reclaimed as dead): it is alive now.
@@ -140,9 +195,11 @@ class WorkerRegistryActor(HubActor):
         worker.claim_only = worker.claim_only or (new and not recovered)
         if recovered:
             worker.grace_until = now + min(RECOVERY_GRACE_S, self.dead_after_s)
+            self._arm(worker)
         if not worker.alive:
             worker.alive, worker.last_heartbeat = True, now
             log.info("worker is claiming again after being declared dead", extra={"worker_id": worker_id})
+            self._arm(worker)
 
     def _forget_claimer(self, worker_id: str) -> None:
         """Drops a claim-only worker whose connection closed holding nothing: it is not a live worker."""
@@ -158,6 +215,7 @@ class WorkerRegistryActor(HubActor):
             if not worker.alive:
                 log.info("worker is alive again", extra={"worker_id": req.worker_id})
             worker.alive, worker.last_heartbeat, worker.claim_only = True, now, False
+            self._arm(worker)
             if req.cpu_percent is not None:
                 worker.cpu_percent = req.cpu_percent
             if req.memory_bytes is not None:
@@ -182,9 +240,11 @@ class WorkerRegistryActor(HubActor):
             self.queue.tell(FillWorkers(request_id=req.id, workers=infos, reply_to=reply_to))
 
     def _register(self, req: Register, reply_to: Any, now: float) -> None:
+        injected_crash(req.name or "")
         worker_id = req.worker_id or f"w-{uuid.uuid4().hex[:16]}"
         worker = self._known(worker_id, now)
         worker.alive, worker.last_heartbeat, worker.claim_only = True, now, False
+        self._arm(worker)
         if req.name is not None:
             worker.name = req.name
         if req.hostname is not None:
@@ -200,18 +260,21 @@ class WorkerRegistryActor(HubActor):
         _tell(reply_to, Registered(id=req.id, worker_id=worker_id))
 
     def _check(self, now: float) -> None:
-        """Declares dead the workers silent for too long, and forgets long-dead ones."""
+        """The safety sweep: declares dead the workers silent for too long, and forgets long-dead ones."""
         for worker in list(self.workers.values()):
-            silent = now - worker.last_heartbeat
-            if worker.alive and silent > self.dead_after_s and now > worker.grace_until:
-                worker.alive = False
-                log.warning("worker declared dead after %.1f s without a heartbeat", silent,
-                            extra={"worker_id": worker.worker_id})
-                self.queue.tell(ReclaimWorker(worker_id=worker.worker_id, uncount=False))
-                self.metrics.workers_dead.inc()
-            elif not worker.alive and silent > DEAD_WORKER_RETENTION_S:
+            if worker.alive and self._deadline(worker) < now:
+                self._declare_dead(worker, now)
+            elif not worker.alive and now - worker.last_heartbeat > DEAD_WORKER_RETENTION_S:
                 del self.workers[worker.worker_id]
         self.metrics.workers_connected.set(self.alive_count)
+
+    def _declare_dead(self, worker: WorkerRecord, now: float) -> None:
+        worker.alive = False
+        log.warning("worker declared dead after %.2f s without a heartbeat", now - worker.last_heartbeat,
+                    extra={"worker_id": worker.worker_id})
+        if self.queue is not None:
+            self.queue.tell(ReclaimWorker(worker_id=worker.worker_id, uncount=False))
+        self.metrics.workers_dead.inc()
 
 
 def _tell(reply_to: Any, message: Message) -> None:

@@ -3,7 +3,8 @@
 Start: open DuckDB and recover (snapshot + WAL replay), open a new WAL segment, start the registry,
 queue, lease watcher and compactor actors, then listen. Stop (SIGTERM/SIGINT): stop accepting, let the
 queue actor answer waiting claims with an empty ASSIGNED and refuse new work, write a final snapshot,
-close the WAL and DuckDB, stop every actor.
+close the WAL and DuckDB, stop every actor. After an essential actor crashed (`actors.hub_actor`) the
+broker is not ready at once and the same stop runs without the final snapshot.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from actors.connection import serve_connection
 from actors.context import ApiKeys, BrokerContext
 from actors.envelopes import Shutdown
 from actors.history_link import HistoryLink
+from actors.http_guard import http_guard, remote_policy
+from actors.hub_actor import set_crash_listener
 from actors.lease_watcher import LeaseWatcherActor
 from actors.metrics import BrokerMetrics, health_app
 from actors.queue import WAL_HEADROOM_BYTES, QueueActor, writable_error
@@ -90,6 +93,8 @@ class BrokerSystem:
         self.data_dir = Path(settings.persistence.data_dir).resolve()
         self.started_at = time.time()
         self.ready = False
+        self.failure: str | None = None  # why an essential actor crashed: the broker must stop
+        self.on_fatal: Any = None  # called (no arguments) once an essential actor crashed
         self.db: DatabaseProcess | None = None
         self.wal: WriteAheadLog | None = None
         self.history: HistoryClient | None = None
@@ -98,7 +103,7 @@ class BrokerSystem:
         self.registry: Any = None
         self.compactor: Any = None
         self.lease_watcher: Any = None
-        self.metrics = BrokerMetrics()
+        self.metrics = BrokerMetrics(settings.monitoring.max_queue_labels)
         self.http: WSGIServer | None = None
         self.created_dirs: list[Path] = []  # by this start: a failed start removes them while empty
 
@@ -131,6 +136,7 @@ class BrokerSystem:
         self.wal.open(state.next_segment)
         self.wal.on_fsync = self.metrics.wal_fsync.observe
 
+        set_crash_listener(self._essential_crashed)
         self.registry = WorkerRegistryActor.start(
             s.worker.heartbeat_interval_secs,
             min(s.broker.maintenance_interval_secs, s.worker.heartbeat_interval_secs), self.metrics,
@@ -156,17 +162,32 @@ class BrokerSystem:
         m = self.settings.monitoring
         if m.prometheus_port == 0:
             return
-        self.http = WSGIServer((m.prometheus_host, m.prometheus_port), health_app(self.metrics, self.readiness),
-                               log=None, error_log=logging.getLogger("tqbroker.http"))
+        auth = self.settings.auth
+        app = health_app(self.metrics, self.readiness, http_guard(auth, ApiKeys(auth.api_keys)))
+        self.http = WSGIServer((m.prometheus_host, m.prometheus_port), app, log=None,
+                               error_log=logging.getLogger("tqbroker.http"))
         try:
             self.http.start()
         except OSError as exc:
             self.http = None
             raise ListenError(f"cannot serve metrics on {m.prometheus_host}:{m.prometheus_port}: "
                               f"{exc.strerror or exc} (monitoring.prometheus_port; 0 turns it off)") from None
+        log.info("metrics and health on http://%s:%d (/metrics, /healthz, /readyz); %s", m.prometheus_host,
+                 self.http.server_port, remote_policy(auth))
+
+    def _essential_crashed(self, reason: str) -> None:
+        """An essential actor crashed (it logged why): not ready from now on, and the process must stop."""
+        if self.failure is None:
+            self.failure = reason
+            self.ready = False
+            if self.on_fatal is not None:
+                self.on_fatal()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready = listening, recovered, and the WAL writable (not out of disk)."""
+        """Ready = listening, recovered, no actor crashed, and the WAL writable (not out of disk)."""
+        if self.failure is not None:
+            return False, {"listening": False, "recovered": self.ready, "wal_writable": False,
+                           "error": f"stopping after an internal error: {self.failure}"}
         wal = self.wal
         wal_ok = wal is not None and wal.healthy
         details: dict[str, Any] = {"listening": self.ready, "recovered": self.ready, "wal_writable": wal_ok}
@@ -196,7 +217,7 @@ class BrokerSystem:
         try:
             if self.queue is not None:
                 self.queue.ask(Shutdown(), timeout=2.0)
-            if self.compactor is not None:
+            if self.compactor is not None and self.failure is None:  # never a snapshot of crashed memory
                 self.compactor.proxy().snapshot().get(timeout=FINAL_SNAPSHOT_TIMEOUT_S)
         except Exception as exc:  # a failed final snapshot loses nothing: the WAL still has it all
             log.warning("final snapshot not finished (%s); the next start replays the WAL instead",
@@ -211,5 +232,6 @@ class BrokerSystem:
             self.wal.close()
         if self.db is not None and clean:
             self.db.close()
+        set_crash_listener(None)
         log.info("tqbroker stopped")
         return clean

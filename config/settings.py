@@ -100,6 +100,7 @@ class MonitoringSettings(_Section):
     prometheus_host: NonEmptyStr = "0.0.0.0"
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     json_logging: bool = True
+    max_queue_labels: PosInt = 1000  # distinct queue label values in /metrics; more count as queue="_other"
 
 
 class WorkerSettings(_Section):

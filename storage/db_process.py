@@ -95,7 +95,8 @@ class DatabaseProcess:
     def _start(self) -> _Channel:
         """Starts the process and waits for its report: open, or why not (a locked file, say)."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        proc = gevent.subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        proc = gevent.subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                       start_new_session=True)  # out of the terminal's group: no Ctrl-C
         for fd in (proc.stdin.fileno(), proc.stdout.fileno()):
             gevent.os.make_nonblocking(fd)
             _widen_pipe(fd)

@@ -148,6 +148,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C or SIGTERM to the broker's group or cgroup:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the broker stops us (close, then EOF), or we die with it
     _die_with_parent()
     parser = argparse.ArgumentParser(description="tqbroker's database process (started by the broker)")
     parser.add_argument("path")

@@ -56,6 +56,7 @@ DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
 FREE_CACHE_S = 0.02  # how long a statvfs result answers free_bytes()
 FREE_CACHE_FLOOR = 64 * 1024 * 1024  # below this much free space, free_bytes() always asks the filesystem
+FAIL_FSYNC_FLAG = "FAIL_FSYNC"  # see _injectable_fsync
 
 _RECORD_PLACEHOLDER = bytes(RECORD_HEAD.size)
 _PROBE_BLOCK = bytes(4096)
@@ -63,6 +64,24 @@ _PROBE_BLOCK = bytes(4096)
 FsyncMode = Literal["interval", "always"]
 R = TypeVar("R")
 ErrorCallback = Callable[[WalError], None]
+
+
+def _fsync_error_message(path: Path | str, exc: OSError) -> str:
+    return (f"fsync of the WAL failed at {path}: {exc.strerror or exc}; changes since the last good fsync may "
+            "not be durable and the page cache can no longer be trusted: restart the broker (it replays the WAL)")
+
+
+def _injectable_fsync(directory: Path) -> Callable[[int], None]:
+    """Test hook (TQ_TEST_HOOKS=1 at start): fsync fails with EIO while the file `FAIL_FSYNC_FLAG` exists
+    in the WAL directory, as a dying disk or a lost NFS write would make it fail."""
+    flag = directory / FAIL_FSYNC_FLAG
+
+    def fsync(fd: int) -> None:
+        if flag.exists():
+            raise OSError(errno.EIO, "Input/output error (injected by the test hook)")
+        os.fsync(fd)
+
+    return fsync
 
 
 def _os_error_message(path: Path | str, exc: OSError) -> str:
@@ -90,12 +109,15 @@ class WriteAheadLog:
         self.segment_bytes = segment_bytes
         self.healthy = True
         self.last_error: WalError | None = None
+        self.fsync_error: WalError | None = None  # set by a failed fsync, never cleared: see _sync_round
         self.last_fsync_seconds = 0.0
         self.on_fsync: Callable[[float], None] | None = None
         self.current_segment = 0
         # Seams for fault-injection tests: replace with functions raising OSError.
         self._write: Callable[[int, bytes | bytearray | memoryview], int] = os.write
         self._fsync: Callable[[int], None] = os.fsync
+        if os.environ.get("TQ_TEST_HOOKS") == "1":
+            self._fsync = _injectable_fsync(self.directory)
         self._fd = -1
         self._path = self.directory
         self._size = 0
@@ -232,7 +254,7 @@ class WriteAheadLog:
 
     def probe(self) -> bool:
         """Checks whether the disk takes writes again (test block written, fsynced, cut away)."""
-        if not self._open:
+        if not self._open or self.fsync_error is not None:
             return False
         if self.healthy:
             return True
@@ -367,7 +389,10 @@ class WriteAheadLog:
                 log.exception("the on_fsync hook failed")
         if failure is None:
             return None
-        return self._mark_failed(WalError(_os_error_message(failure[0], failure[1])))
+        # After a failed fsync the kernel may have dropped the dirty pages and a later fsync can succeed
+        # without them (PostgreSQL's "fsyncgate"): the WAL stays unhealthy until the broker restarts.
+        self.fsync_error = self._mark_failed(WalError(_fsync_error_message(failure[0], failure[1])))
+        return self.fsync_error
 
     def _fsync_files(
         self, retired: list[tuple[int, Path]], current: tuple[int, Path], sync_dir: bool

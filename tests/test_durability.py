@@ -225,7 +225,7 @@ def test_damage_before_the_wal_tail_stops_the_start_with_one_line_naming_the_seg
 def test_running_tasks_come_back_running_with_their_leases_and_their_worker_may_finish_them(
     make_broker: Any,
 ) -> None:
-    broker = make_broker(TQ_BROKER__LEASE_CHECK_INTERVAL_SECS="3600", **NO_DEAD_WORKERS)  # no expiry before the kill
+    broker = make_broker(**NO_DEAD_WORKERS)
     c = broker.client()
     held = c.submit("run", b"held", queue="held", lease_ms=600_000).task_id
     held_assignment = one(c.claim("w-held", ["held"]))
@@ -233,14 +233,14 @@ def test_running_tasks_come_back_running_with_their_leases_and_their_worker_may_
     one(c.claim("w-lapsed", ["lapsed"]))
     renewed = c.submit("run", b"renewed", queue="renewed", lease_ms=2500).task_id
     first_expiry = one(c.claim("w-renew", ["renewed"])).lease_expires_at
-    wait_for(lambda: time.time() > first_expiry + 0.1, timeout=5)  # its first lease has run out, unnoticed
+    wait_for(lambda: time.time() > first_expiry - 0.5, timeout=5)  # half a second before its first lease ends
     heartbeat_sent = time.time()
     c.heartbeat("w-renew", [renewed])  # renews it to about heartbeat_sent + 2.5 s
     before = c.status(held)
     broker.kill()
 
-    broker.env["TQ_BROKER__LEASE_CHECK_INTERVAL_SECS"] = "0.05"
     c, _ = restart_timed(broker)
+    wait_for(lambda: time.time() > first_expiry + 0.1, timeout=5)  # without the renewal it would be pending now
     after = c.status(held)
     assert (after.state, after.worker_id, after.attempts) == ("running", "w-held", 1)
     assert after.started_at == pytest.approx(before.started_at, abs=0.001)
