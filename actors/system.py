@@ -86,6 +86,7 @@ class BrokerSystem:
         self.lease_watcher: Any = None
         self.metrics = BrokerMetrics()
         self.http: WSGIServer | None = None
+        self.rest: WSGIServer | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -130,6 +131,7 @@ class BrokerSystem:
             self.compactor.tell(TakeSnapshot())
         ctx.queue, ctx.registry = self.queue, self.registry
         self.server.serve()
+        self._start_rest(ctx)
         server = self.server
         self.metrics.connections.set_function(lambda: server.connections)
         self.ready = True
@@ -149,6 +151,24 @@ class BrokerSystem:
             self.http = None
             raise ListenError(f"cannot serve metrics on {m.prometheus_host}:{m.prometheus_port}: "
                               f"{exc.strerror or exc} (monitoring.prometheus_port; 0 turns it off)") from None
+
+    def _start_rest(self, ctx: BrokerContext) -> None:
+        """The REST API and dashboard on api.rest_port (0 turns them off), TLS as api.enable_tls says."""
+        api = self.settings.api
+        if api.rest_port == 0:
+            return
+        from actors.http.app import start_server  # Falcon and Jinja2 load only when the API is on
+        try:
+            self.rest = start_server(ctx, self._query_result, tls_context(self.settings))
+        except OSError as exc:
+            raise ListenError(f"cannot serve the REST API on {api.rest_host}:{api.rest_port}: "
+                              f"{exc.strerror or exc} (api.rest_port; 0 turns it off)") from None
+        log.info("REST API and dashboard on %s:%d", api.rest_host, self.rest.server_port,
+                 extra={"host": api.rest_host, "port": self.rest.server_port})
+
+    def _query_result(self, sql: str) -> Any:
+        assert self.history is not None
+        return self.history.query_result(sql, timeout=self.settings.api.query_timeout_secs)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready = listening, recovered, and the WAL writable (not out of disk)."""
@@ -177,6 +197,8 @@ class BrokerSystem:
             self.server.stop_accepting()
         if self.http is not None:
             self.http.stop(timeout=1)
+        if self.rest is not None:
+            self.rest.stop(timeout=1)
         clean = True
         try:
             if self.queue is not None:
