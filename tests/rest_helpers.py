@@ -45,7 +45,7 @@ class Http:
         resp = self.conn.getresponse()
         payload = resp.read()
         self.last_headers = {k.lower(): v for k, v in resp.getheaders()}
-        if resp.getheader("Content-Type", "").startswith("application/json"):
+        if payload and resp.getheader("Content-Type", "").startswith("application/json"):
             return resp.status, json.loads(payload)
         return resp.status, payload.decode(errors="replace")
 

@@ -17,7 +17,7 @@ import msgspec
 from gevent.pywsgi import WSGIServer
 
 from actors.context import BrokerContext
-from actors.http import api, errors
+from actors.http import api, dashboard, errors
 from actors.http.guard import Guard
 from actors.http.openapi import Operation, document
 from actors.http.reply import Gateway
@@ -87,13 +87,15 @@ def openapi_document(version: str = "1.1") -> dict[str, Any]:
 
 
 def build_app(ctx: BrokerContext, query: Any) -> falcon.App:
-    app = falcon.App(middleware=[Guard(ctx)])
+    guard = Guard(ctx)
+    app = falcon.App(middleware=[guard])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     shared = api.Api(Gateway(ctx), ctx.settings.broker.max_frame_bytes, query)
     for path, resource, _ in API_ROUTES:
         app.add_route(path, resource(shared))
     app.add_route(OPENAPI_PATH, OpenApiResource(msgspec.json.encode(openapi_document())))
+    dashboard.mount(app, shared, ctx, guard)
     app.add_static_route("/static", str(STATIC_DIR))
     return app
 
