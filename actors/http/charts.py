@@ -50,7 +50,7 @@ def runtime_svg(rows: list[list[Any]]) -> str:
     top = max(float(r[2] or 0) for r in rows) or 1.0
     row_h, label_w = 22, 200
     height = row_h * len(rows) + 10
-    width = WIDTH - label_w - PAD
+    width = WIDTH - label_w - 190  # room for the figures after the longest bar
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {height}" role="img" aria-label="run time by kind">']
     for i, (kind, p50, p99, count) in enumerate(rows):
         y = 5 + i * row_h
