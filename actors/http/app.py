@@ -8,6 +8,7 @@ documents it, so the document cannot miss a route. The dashboard's pages are in
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,23 @@ def build_app(ctx: BrokerContext, query: Any) -> falcon.App:
     return app
 
 
+class RestServer(WSGIServer):
+    """gevent's WSGIServer with TCP_NODELAY on every connection: a reply's bytes leave at once instead of
+    waiting (Nagle) for the client's delayed ACK of the previous write."""
+
+    def handle(self, sock: socket.socket, address: Any) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        super().handle(sock, address)
+
+
 def start_server(ctx: BrokerContext, query: Any, ssl_context: ssl.SSLContext | None) -> WSGIServer:
     """Serves the REST API and dashboard on api.rest_host:api.rest_port; raises OSError if it cannot bind."""
     api_settings = ctx.settings.api
     kwargs: dict[str, Any] = {"ssl_context": ssl_context} if ssl_context is not None else {}
-    server = WSGIServer((api_settings.rest_host, api_settings.rest_port), build_app(ctx, query), log=None,
+    server = RestServer((api_settings.rest_host, api_settings.rest_port), build_app(ctx, query), log=None,
                         error_log=logging.getLogger("tqbroker.http"), **kwargs)
     server.start()
     return server

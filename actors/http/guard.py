@@ -28,6 +28,7 @@ log = logging.getLogger("tqbroker.http")
 COOKIE = "tq_api_key"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 WRITE, READ = "write", "read"
+PEER_CACHE = 4096  # peer addresses whose protected-mode answer is remembered
 
 
 class Guard:
@@ -37,9 +38,15 @@ class Guard:
     def __init__(self, ctx: BrokerContext) -> None:
         self.ctx = ctx
         self.read_only = ApiKeys(ctx.settings.auth.read_only_api_keys)
+        self._refusals: dict[str, str | None] = {}  # peer address -> refusal; settings are fixed for the run
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        refusal = self.ctx.refuse_peer((req.remote_addr, 0))
+        address = req.remote_addr
+        if address not in self._refusals:
+            if len(self._refusals) >= PEER_CACHE:
+                self._refusals.clear()
+            self._refusals[address] = self.ctx.refuse_peer((address, 0))
+        refusal = self._refusals[address]
         if refusal is not None:
             log.warning("HTTP request refused: %s", refusal, extra={"peer": req.remote_addr})
             raise ApiError(ErrorCode.UNAUTHORIZED, refusal)
