@@ -8,7 +8,8 @@ keep-alive HTTP/1.1 connection (http.client):
 - batch: POST /api/v1/tasks/batch of 1,000 tasks, one at a time, for S seconds: tasks/s;
 - --dashboard: with the broker stopped, 1,000,000 rows are written straight into task_history
   (finished over the last hour, 20 kinds, 5 % failed); then the broker starts, 100,000 tasks are
-  submitted (pending), and GET / (the overview) is timed 20 times: p50 and max.
+  submitted (pending), and GET / (the overview) is timed 20 times: the first (charts computed from
+  history) and the p50 and max of the other 19 (charts reused for 10 s, live counts fresh).
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ def dashboard(rows: int, pending: int) -> dict[str, Any]:
         conn.close()
     finally:
         broker.cleanup()
-    return {"history_rows": rows, "pending": pending, "fill_s": fill_s,
-            "overview_p50_ms": statistics.median(times) * 1000, "overview_max_ms": max(times) * 1000}
+    return {"history_rows": rows, "pending": pending, "fill_s": fill_s, "overview_cold_ms": times[0] * 1000,
+            "overview_p50_ms": statistics.median(times[1:]) * 1000, "overview_max_ms": max(times[1:]) * 1000}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         broker.cleanup()
     if args.dashboard:
         page = dashboard(args.history_rows, args.pending)
-        print(f"i3 GET / (overview) with {page['history_rows']:,} history rows and {page['pending']:,} pending: "
-              f"p50 {page['overview_p50_ms']:.0f} ms, max {page['overview_max_ms']:.0f} ms of 20 "
+        print(f"i3 GET / (overview) with {page['history_rows']:,} history rows (all in the last hour) and "
+              f"{page['pending']:,} pending: first {page['overview_cold_ms']:.0f} ms (charts computed), next 19 "
+              f"(charts reused, 10 s) p50 {page['overview_p50_ms']:.0f} ms, max {page['overview_max_ms']:.0f} ms "
               f"(goal <= 200 ms; history written in {page['fill_s']:.1f} s)")
     return 0
 

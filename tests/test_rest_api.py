@@ -35,7 +35,7 @@ def test_a_task_posted_as_json_is_read_back_and_claimed_with_its_json_payload(re
     assert status == 200
     status, info = http.call("GET", f"/api/v1/tasks/{task_id}")
     assert info["state"] == "completed" and info["result"] == [1, "two"]
-    assert broker.client().status(task_id).result == b'[1,"two"]'  # the JSON text, as bytes on the wire
+    assert broker.client().status(task_id).result == b'[1, "two"]'  # the JSON text as sent, as bytes
 
 
 def test_binary_payloads_and_results_travel_as_base64(rest) -> None:

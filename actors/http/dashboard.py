@@ -23,7 +23,7 @@ from markupsafe import Markup
 from msgspec import UNSET
 
 from actors.context import BrokerContext
-from actors.http import charts
+from actors.http import charts as charts_svg
 from actors.http.api import Api, expect, run_query
 from actors.http.guard import COOKIE, Guard
 from actors.http.reply import REQUEST_ID
@@ -33,6 +33,7 @@ from transport.messages import ErrorCode, WorkerList, Workers
 PAGE_ROWS = 50
 MAX_PAGE = 10_000
 CHART_MINUTES = 60
+CHART_TTL_S = 10.0  # the overview's charts are reused this long (the page refreshes every 3 s)
 REFRESH_MS = 3000
 
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
@@ -82,22 +83,37 @@ class Page:
 
 
 class Overview(Page):
+    """Live counts (STATS, every time) and two charts over the last hour of history, recomputed at most
+    every CHART_TTL_S: they aggregate up to the whole hour's rows, and their resolution is a minute."""
+
     template = "overview.html"
 
+    def __init__(self, api: Api, ctx: BrokerContext) -> None:
+        super().__init__(api, ctx)
+        self._charts: tuple[float, Markup, Markup] | None = None  # (computed at, throughput, runtimes)
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        now = time.time()
+        throughput, runtimes = self.charts(time.time())
+        self.render(req, resp, stats=self.api.stats(), minutes=CHART_MINUTES, throughput=throughput,
+                    runtimes=runtimes)
+
+    def charts(self, now: float) -> tuple[Markup, Markup]:
+        cached = self._charts
+        if cached is not None and 0 <= now - cached[0] < CHART_TTL_S:
+            return cached[1], cached[2]
         since = utc_text(now - CHART_MINUTES * 60)
         flow = run_query(self.api.query, (
-            "SELECT CAST(epoch(finished_at) // 60 AS BIGINT) AS minute, count(*) FILTER (WHERE state = 'completed'), "
-            f"count(*) FILTER (WHERE state = 'failed') FROM task_history WHERE finished_at >= TIMESTAMP '{since}' "
-            "GROUP BY 1"))
+            "SELECT CAST(epoch(date_trunc('minute', finished_at)) // 60 AS BIGINT) AS minute, "
+            "count(*) FILTER (WHERE state = 'completed'), count(*) FILTER (WHERE state = 'failed') "
+            f"FROM task_history WHERE finished_at >= TIMESTAMP '{since}' GROUP BY 1"))
         runtimes = run_query(self.api.query, (
             "SELECT kind, quantile_cont(duration_ms, 0.5), quantile_cont(duration_ms, 0.99), count(*) "
             f"FROM task_history WHERE finished_at >= TIMESTAMP '{since}' AND duration_ms IS NOT NULL "
             "GROUP BY kind ORDER BY 3 DESC LIMIT 15"))
-        self.render(req, resp, stats=self.api.stats(), minutes=CHART_MINUTES,
-                    throughput=Markup(charts.throughput_svg(flow.rows, CHART_MINUTES, int(now // 60))),
-                    runtimes=Markup(charts.runtime_svg(runtimes.rows)))
+        charts = (Markup(charts_svg.throughput_svg(flow.rows, CHART_MINUTES, int(now // 60))),
+                  Markup(charts_svg.runtime_svg(runtimes.rows)))
+        self._charts = (now, *charts)
+        return charts
 
 
 class Queues(Page):

@@ -47,12 +47,12 @@ class ApiError(Exception):
 
 
 class TaskIn(Struct, forbid_unknown_fields=True):
-    """One task to submit. `payload` (any JSON value, stored as its JSON text) or `payload_base64`."""
+    """One task to submit. `payload` (any JSON value, stored as its JSON text as sent) or `payload_base64`."""
 
     kind: Text200
     queue: QueueName = "default"
     priority: Priority = "normal"
-    payload: Any | UnsetType = UNSET
+    payload: msgspec.Raw | UnsetType = UNSET  # kept as the JSON text sent: no decode, no re-encode
     payload_base64: str | None = None
     run_at: UnixTime | None = None
     delay_ms: Annotated[int, Meta(ge=0, le=MAX_DELAY_MS)] | None = None
@@ -83,7 +83,7 @@ class ResultIn(Struct, forbid_unknown_fields=True):
 
     worker_id: WorkerId
     ok: bool
-    result: Any | UnsetType = UNSET
+    result: msgspec.Raw | UnsetType = UNSET  # kept as the JSON text sent
     result_base64: str | None = None
     error: ErrorText | None = None
     retry: bool = True
@@ -180,7 +180,7 @@ class ErrorOut(Struct):
 
 
 def bytes_of(value: Any, b64: str | None, field: str) -> bytes | None:
-    """The bytes a JSON value or a base64 string stand for; None when both are absent."""
+    """The bytes a JSON value (its text as sent) or a base64 string stand for; None when both are absent."""
     if value is not UNSET and b64 is not None:
         raise ApiError("BAD_REQUEST", f"give {field} or {field}_base64, not both")
     if b64 is not None:
@@ -190,7 +190,7 @@ def bytes_of(value: Any, b64: str | None, field: str) -> bytes | None:
             raise ApiError("BAD_REQUEST", f"{field}_base64 is not valid base64") from None
     if value is UNSET:
         return None
-    return msgspec.json.encode(value)
+    return bytes(value)
 
 
 def task_spec(body: TaskIn, now: float | None = None) -> TaskSpec:
