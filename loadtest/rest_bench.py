@@ -5,6 +5,8 @@ broker.queue_depth_threshold raised so nothing is refused) and measures from thi
 keep-alive HTTP/1.1 connection (http.client):
 
 - single: POST /api/v1/tasks one at a time (each waits for its 201), for S seconds: tasks/s, p50, p99;
+- the same from a bare socket (one send per request, no http.client parsing): the server's share;
+- reference: the same submit over TCP (loadtest.rawclient), to read the REST figures against;
 - batch: POST /api/v1/tasks/batch of 1,000 tasks, one at a time, for S seconds: tasks/s;
 - --dashboard: with the broker stopped, 1,000,000 rows are written straight into task_history
   (finished over the last hour, 20 kinds, 5 % failed); then the broker starts, 100,000 tasks are
@@ -74,6 +76,53 @@ def batch(port: int, seconds: float) -> dict[str, Any]:
     return {"tasks": tasks, "tasks_per_s": tasks / elapsed}
 
 
+def raw_single(port: int, seconds: float) -> dict[str, Any]:
+    """POST /api/v1/tasks one at a time from a bare keep-alive socket: the request written in one send,
+    the reply read up to its Content-Length. What the server costs, without http.client's own parsing."""
+    body = json.dumps({"kind": "bench.noop", "queue": "raw", "payload": {"n": 1}}).encode()
+    request = (f"POST /api/v1/tasks HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    sock = socket.create_connection((HOST, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    latencies, buffer = [], b""
+    deadline = time.perf_counter() + seconds
+    while (start := time.perf_counter()) < deadline:
+        sock.sendall(request)
+        while True:
+            head_end = buffer.find(b"\r\n\r\n")
+            if head_end >= 0:
+                length = int(buffer[:head_end].lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                if len(buffer) >= head_end + 4 + length:
+                    assert buffer.startswith(b"HTTP/1.1 201"), buffer[:100]
+                    buffer = buffer[head_end + 4 + length:]
+                    break
+            buffer += sock.recv(65536)
+        latencies.append(time.perf_counter() - start)
+    sock.close()
+    latencies.sort()
+    return {"requests": len(latencies), "per_s": len(latencies) / sum(latencies),
+            "p50_ms": latencies[len(latencies) // 2] * 1000, "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000}
+
+
+def tcp_single(port: int, seconds: float) -> dict[str, Any]:
+    """The same submit over the TCP protocol (figure a's raw client), in the same minute: a reference
+    that the machine's momentary load affects as it affects the REST figures."""
+    from loadtest.rawclient import RawClient, submit_template
+
+    template = submit_template(payload_bytes=10, queue="tcp")
+    latencies = []
+    with RawClient(HOST, port) as client:
+        deadline, request_id = time.perf_counter() + seconds, 0
+        while (start := time.perf_counter()) < deadline:
+            request_id += 1
+            client.send(template.frame(request_id))
+            client.wait_count(1)
+            latencies.append(time.perf_counter() - start)
+    latencies.sort()
+    return {"requests": len(latencies), "per_s": len(latencies) / sum(latencies),
+            "p50_ms": latencies[len(latencies) // 2] * 1000, "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000}
+
+
 def fill_history(db_path: Any, rows: int) -> float:
     """Writes `rows` finished tasks into task_history directly (the broker must be stopped)."""
     import duckdb
@@ -140,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"i1 POST /api/v1/tasks, one at a time, keep-alive: {one['requests']} requests, "
               f"{one['per_s']:,.0f}/s, p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms "
               "(goal >= 3,000/s, p99 <= 5 ms)")
+        raw = raw_single(rest_port, args.seconds)
+        print(f"i1' the same from a bare socket (no http.client): {raw['requests']} requests, {raw['per_s']:,.0f}/s, "
+              f"p50 {raw['p50_ms']:.2f} ms, p99 {raw['p99_ms']:.2f} ms")
+        tcp = tcp_single(broker.port, args.seconds)
+        print(f"   reference, TCP SUBMIT one at a time (raw client): {tcp['requests']} requests, "
+              f"{tcp['per_s']:,.0f}/s, "
+              f"p50 {tcp['p50_ms']:.2f} ms, p99 {tcp['p99_ms']:.2f} ms")
         many = batch(rest_port, args.seconds)
         print(f"i2 POST /api/v1/tasks/batch of {BATCH}: {many['tasks']} tasks, {many['tasks_per_s']:,.0f} tasks/s "
               "(goal >= 50,000/s)")

@@ -85,3 +85,24 @@ def test_with_auth_off_a_client_outside_loopback_is_refused_like_on_the_tcp_port
     status, body = Http(port, host=address).call("GET", "/api/v1/stats")
     assert status == 401 and "protected mode" in body["error"]["message"]
     assert Http(port).call("GET", "/api/v1/stats")[0] == 200
+
+
+def test_with_tls_on_the_api_speaks_https_with_the_brokers_certificate(make_broker, tmp_path) -> None:
+    import http.client
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    from tests.test_logging_security import make_cert
+    cert, key = make_cert(tmp_path, "rest")
+    _, port = rest_broker(make_broker, TQ_API__ENABLE_TLS="true", TQ_API__TLS_CERT_PATH=str(cert),
+                          TQ_API__TLS_KEY_PATH=str(key))
+    context = ssl.create_default_context(cafile=str(cert))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    conn.request("GET", "/api/v1/stats")
+    assert conn.getresponse().status == 200
+    conn.close()
+    plain = Http(port)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        plain.call("GET", "/api/v1/stats")

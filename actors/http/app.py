@@ -15,7 +15,7 @@ from typing import Any
 
 import falcon
 import msgspec
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from actors.context import BrokerContext
 from actors.http import api, dashboard, errors
@@ -101,6 +101,38 @@ def build_app(ctx: BrokerContext, query: Any) -> falcon.App:
     return app
 
 
+class RestHandler(WSGIHandler):
+    """gevent's handler, but a response's head and its first body chunk leave in ONE send.
+
+    gevent writes the status line and headers with one `sendall` and the body with another; with
+    TCP_NODELAY (which `RestServer` needs, else the body waits for the client's delayed ACK) that is two
+    packets and two wake-ups of the client per response. Bodies over COMBINE_LIMIT go separately.
+    """
+
+    COMBINE_LIMIT = 256 * 1024
+    _held: bytearray | None = None
+    _holding = False
+
+    def _write_with_headers(self, data: bytes) -> None:
+        self._holding = len(data) <= self.COMBINE_LIMIT
+        try:
+            super()._write_with_headers(data)
+        finally:
+            held, self._held, self._holding = self._held, None, False
+            if held is not None:  # an empty first chunk: the head goes alone
+                super()._sendall(held)
+
+    def _sendall(self, data: bytes) -> None:
+        if not self._holding:
+            super()._sendall(data)
+        elif self._held is None:
+            self._held = bytearray(data)  # the head: wait for the body
+        else:
+            head, self._held, self._holding = self._held, None, False
+            head += data
+            super()._sendall(head)
+
+
 class RestServer(WSGIServer):
     """gevent's WSGIServer with TCP_NODELAY on every connection: a reply's bytes leave at once instead of
     waiting (Nagle) for the client's delayed ACK of the previous write."""
@@ -118,6 +150,6 @@ def start_server(ctx: BrokerContext, query: Any, ssl_context: ssl.SSLContext | N
     api_settings = ctx.settings.api
     kwargs: dict[str, Any] = {"ssl_context": ssl_context} if ssl_context is not None else {}
     server = RestServer((api_settings.rest_host, api_settings.rest_port), build_app(ctx, query), log=None,
-                        error_log=logging.getLogger("tqbroker.http"), **kwargs)
+                        error_log=logging.getLogger("tqbroker.http"), handler_class=RestHandler, **kwargs)
     server.start()
     return server
