@@ -172,35 +172,42 @@ def dashboard(rows: int, pending: int) -> dict[str, Any]:
             "overview_p50_ms": statistics.median(times[1:]) * 1000, "overview_max_ms": max(times[1:]) * 1000}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.rest_bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each of the two submit figures")
-    parser.add_argument("--dashboard", action="store_true", help="also time the overview page on 1M history rows")
-    parser.add_argument("--history-rows", type=int, default=1_000_000)
-    parser.add_argument("--pending", type=int, default=100_000)
-    args = parser.parse_args(argv)
+def run_rest(seconds: float) -> dict[str, Any]:
+    """Figure i (single, bare socket, TCP reference, batch) against a fresh broker; also `make bench`'s."""
     rest_port = free_port()
     broker = Broker(TQ_API__REST_PORT=str(rest_port), TQ_API__REST_HOST=HOST,
                     TQ_BROKER__QUEUE_DEPTH_THRESHOLD="100000000")
     try:
         broker.start()
         wait_listening(rest_port, broker.proc, "REST API")  # type: ignore[arg-type]
-        one = single(rest_port, args.seconds)
-        print(f"i1 POST /api/v1/tasks, one at a time, keep-alive: {one['requests']} requests, "
-              f"{one['per_s']:,.0f}/s, p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms "
-              "(goal >= 3,000/s, p99 <= 5 ms)")
-        raw = raw_single(rest_port, args.seconds)
-        print(f"i1' the same from a bare socket (no http.client): {raw['requests']} requests, {raw['per_s']:,.0f}/s, "
-              f"p50 {raw['p50_ms']:.2f} ms, p99 {raw['p99_ms']:.2f} ms")
-        tcp = tcp_single(broker.port, args.seconds)
-        print(f"   reference, TCP SUBMIT one at a time (raw client): {tcp['requests']} requests, "
-              f"{tcp['per_s']:,.0f}/s, "
-              f"p50 {tcp['p50_ms']:.2f} ms, p99 {tcp['p99_ms']:.2f} ms")
-        many = batch(rest_port, args.seconds)
-        print(f"i2 POST /api/v1/tasks/batch of {BATCH}: {many['tasks']} tasks, {many['tasks_per_s']:,.0f} tasks/s "
-              "(goal >= 50,000/s)")
+        return {"single": single(rest_port, seconds), "raw": raw_single(rest_port, seconds),
+                "tcp": tcp_single(broker.port, seconds), "batch": batch(rest_port, seconds)}
     finally:
         broker.cleanup()
+
+
+def report(figures: dict[str, Any]) -> str:
+    one, raw, tcp, many = figures["single"], figures["raw"], figures["tcp"], figures["batch"]
+    return "\n".join([
+        f"i1 POST /api/v1/tasks, one at a time, keep-alive (http.client): {one['requests']} requests, "
+        f"{one['per_s']:,.0f}/s, p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms (goal >= 3,000/s, p99 <= 5 ms)",
+        f"i1' the same from a bare socket (no http.client): {raw['requests']} requests, {raw['per_s']:,.0f}/s, "
+        f"p50 {raw['p50_ms']:.2f} ms, p99 {raw['p99_ms']:.2f} ms",
+        f"   reference, TCP SUBMIT one at a time (raw client): {tcp['requests']} requests, {tcp['per_s']:,.0f}/s, "
+        f"p50 {tcp['p50_ms']:.2f} ms, p99 {tcp['p99_ms']:.2f} ms",
+        f"i2 POST /api/v1/tasks/batch of {BATCH}: {many['tasks']} tasks, {many['tasks_per_s']:,.0f} tasks/s "
+        "(goal >= 50,000/s)",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.rest_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each submit figure")
+    parser.add_argument("--dashboard", action="store_true", help="also time the overview page on 1M history rows")
+    parser.add_argument("--history-rows", type=int, default=1_000_000)
+    parser.add_argument("--pending", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    print(report(run_rest(args.seconds)))
     if args.dashboard:
         page = dashboard(args.history_rows, args.pending)
         print(f"i3 GET / (overview) with {page['history_rows']:,} history rows (all in the last hour) and "
