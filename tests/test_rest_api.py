@@ -154,3 +154,12 @@ def test_the_openapi_document_is_valid_and_lists_every_route_of_the_app(rest) ->
         methods = {m.method.lower() for m in route.methods if not m.internal}
         assert route.path in doc["paths"], route.path
         assert methods == set(doc["paths"][route.path]), route.path
+
+
+def test_an_idle_http_connection_is_closed_after_the_connection_timeout(make_broker) -> None:
+    from tests.helpers import RawConn
+
+    _, port = rest_broker(make_broker, TQ_BROKER__CONNECTION_TIMEOUT_SECS="1")
+    idle = RawConn(port)
+    assert idle.wait_closed(timeout=15) is not None
+    idle.close()

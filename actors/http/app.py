@@ -15,6 +15,7 @@ from typing import Any
 
 import falcon
 import msgspec
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from actors.context import BrokerContext
@@ -134,22 +135,31 @@ class RestHandler(WSGIHandler):
 
 
 class RestServer(WSGIServer):
-    """gevent's WSGIServer with TCP_NODELAY on every connection: a reply's bytes leave at once instead of
-    waiting (Nagle) for the client's delayed ACK of the previous write."""
+    """gevent's WSGIServer with TCP_NODELAY on every connection (a reply's bytes leave at once instead of
+    waiting, by Nagle, for the client's delayed ACK) and an idle timeout on every socket read or write."""
+
+    idle_timeout_s = 30.0
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        sock.settimeout(self.idle_timeout_s)
         super().handle(sock, address)
 
 
 def start_server(ctx: BrokerContext, query: Any, ssl_context: ssl.SSLContext | None) -> WSGIServer:
-    """Serves the REST API and dashboard on api.rest_host:api.rest_port; raises OSError if it cannot bind."""
-    api_settings = ctx.settings.api
+    """Serves the REST API and dashboard on api.rest_host:api.rest_port; raises OSError if it cannot bind.
+
+    At most broker.max_connections HTTP connections are served at once (more wait in the listen
+    backlog); one idle for broker.connection_timeout_secs is closed.
+    """
+    api_settings, broker = ctx.settings.api, ctx.settings.broker
     kwargs: dict[str, Any] = {"ssl_context": ssl_context} if ssl_context is not None else {}
     server = RestServer((api_settings.rest_host, api_settings.rest_port), build_app(ctx, query), log=None,
-                        error_log=logging.getLogger("tqbroker.http"), handler_class=RestHandler, **kwargs)
+                        error_log=logging.getLogger("tqbroker.http"), handler_class=RestHandler,
+                        spawn=Pool(broker.max_connections), **kwargs)
+    server.idle_timeout_s = float(broker.connection_timeout_secs)
     server.start()
     return server
