@@ -106,6 +106,7 @@ class BrokerSystem:
         self.metrics = BrokerMetrics(settings.monitoring.max_queue_labels)
         self.http: WSGIServer | None = None
         self.created_dirs: list[Path] = []  # by this start: a failed start removes them while empty
+        self.rest: WSGIServer | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -151,6 +152,7 @@ class BrokerSystem:
             self.compactor.tell(TakeSnapshot())
         ctx.queue, ctx.registry = self.queue, self.registry
         self.server.serve()
+        self._start_rest(ctx)
         server = self.server
         self.metrics.connections.set_function(lambda: server.connections)
         self.ready = True
@@ -183,6 +185,24 @@ class BrokerSystem:
             if self.on_fatal is not None:
                 self.on_fatal()
 
+    def _start_rest(self, ctx: BrokerContext) -> None:
+        """The REST API and dashboard on api.rest_port (0 turns them off), TLS as api.enable_tls says."""
+        api = self.settings.api
+        if api.rest_port == 0:
+            return
+        from actors.http.app import start_server  # Falcon and Jinja2 load only when the API is on
+        try:
+            self.rest = start_server(ctx, self._query_result, tls_context(self.settings))
+        except OSError as exc:
+            raise ListenError(f"cannot serve the REST API on {api.rest_host}:{api.rest_port}: "
+                              f"{exc.strerror or exc} (api.rest_port; 0 turns it off)") from None
+        log.info("REST API and dashboard on %s:%d", api.rest_host, self.rest.server_port,
+                 extra={"host": api.rest_host, "port": self.rest.server_port})
+
+    def _query_result(self, sql: str) -> Any:
+        assert self.history is not None
+        return self.history.query_result(sql, timeout=self.settings.api.query_timeout_secs)
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready = listening, recovered, no actor crashed, and the WAL writable (not out of disk)."""
         if self.failure is not None:
@@ -213,6 +233,8 @@ class BrokerSystem:
             self.server.stop_accepting()
         if self.http is not None:
             self.http.stop(timeout=1)
+        if self.rest is not None:
+            self.rest.stop(timeout=1)
         clean = True
         try:
             if self.queue is not None:

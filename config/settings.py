@@ -81,8 +81,8 @@ class RaftSettings(_Section):
 
 
 class ApiSettings(_Section):
-    rest_port: Port = 8080
-    grpc_port: Port = 9090
+    rest_port: Port = 8080  # 0 turns the REST API and dashboard off
+    rest_host: NonEmptyStr = "0.0.0.0"
     enable_tls: bool = False
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
@@ -93,6 +93,7 @@ class AuthSettings(_Section):
     enabled: bool = False
     api_keys: tuple[NonEmptyStr, ...] = ()
     allow_unauthenticated_remote: bool = False
+    read_only_api_keys: tuple[NonEmptyStr, ...] = ()  # REST API and dashboard only; GET and query
 
 
 class MonitoringSettings(_Section):
@@ -152,6 +153,13 @@ def _accepts(t: msgspec.inspect.Type, kind: type[msgspec.inspect.Type]) -> bool:
     return isinstance(t, kind)
 
 
+# Keys that once existed: a config still setting one is told what replaces it.
+REMOVED_KEYS = {
+    "api.grpc_port": "api.grpc_port was removed: tqbroker serves no gRPC; other languages use the REST API on "
+                     "api.rest_port, fast clients the TCP protocol on broker.port; delete the key",
+}
+
+
 def _check_known(layer: Mapping[str, Any], origin: str) -> None:
     """Reject unknown sections/keys up front, naming the dotted key and the layer it came from."""
     for section, values in layer.items():
@@ -161,6 +169,8 @@ def _check_known(layer: Mapping[str, Any], origin: str) -> None:
             for key in values:
                 if key not in _TYPES[section]:
                     dotted = f"{section}.{key}"
+                    if dotted in REMOVED_KEYS:
+                        raise ConfigError(f"{REMOVED_KEYS[dotted]} ({origin})", key=dotted)
                     raise ConfigError(f"unknown config key {dotted} ({origin})", key=dotted)
 
 
@@ -275,11 +285,16 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError("api.enable_tls needs api.tls_cert_path and api.tls_key_path", key="api.enable_tls")
     if auth.enabled and not auth.api_keys:
         raise ConfigError("auth.enabled is true but auth.api_keys is empty", key="auth.api_keys")
-    for i, entry in enumerate(auth.api_keys):
+    for name, entries in (("api_keys", auth.api_keys), ("read_only_api_keys", auth.read_only_api_keys)):
+        _check_key_entries(name, entries)
+
+
+def _check_key_entries(name: str, entries: tuple[str, ...]) -> None:
+    for i, entry in enumerate(entries):
         if entry.lower().startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", entry[7:]):
-            raise ConfigError(f"auth.api_keys[{i}] starts with sha256: but is not followed by 64 hex digits "
+            raise ConfigError(f"auth.{name}[{i}] starts with sha256: but is not followed by 64 hex digits "
                               "(write the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)",
-                              key="auth.api_keys")
+                              key=f"auth.{name}")
 
 
 def load_settings(
@@ -319,4 +334,5 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
     """Settings as plain builtins for startup logs, with auth.api_keys replaced by their count."""
     summary: dict[str, Any] = msgspec.to_builtins(settings)
     summary["auth"]["api_keys"] = len(settings.auth.api_keys)
+    summary["auth"]["read_only_api_keys"] = len(settings.auth.read_only_api_keys)
     return summary

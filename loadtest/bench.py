@@ -2,8 +2,9 @@
 
 Starts its own servers (the broker on a temp data dir with default settings, a bare gevent echo server
 with the same framing as the physical ceiling, and with --peers beanstalkd and Redis), drives them from
-separate load processes, and prints the figures a-h next to their goals. Results go to
-bench-results/<timestamp>.json and, when matplotlib is importable, a PNG bar chart beside it.
+separate load processes, and prints the figures a-h next to their goals, then i (the REST API, from
+`loadtest.rest_bench`). Results go to bench-results/<timestamp>.json and, when matplotlib is
+importable, a PNG bar chart beside it.
 
     --quick   about a minute: 2-s figures, 40,000 tasks for d
     (default) 5-s figures, 150,000 tasks for d
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine busy before start: {idle_busy:.0f}% of one core (other work on this machine skews every figure)")
     echo = run_echo(mode)
     tq = run_tqbroker(mode)
+    from loadtest import rest_bench
+
+    rest = rest_bench.run_rest(min(mode.seconds, 5.0))  # figure i: the REST API (no peer here has one to compare)
     systems: dict[str, dict[str, Any]] = {"tqbroker": tq}
     if args.peers:
         from loadtest.peers import run_peers
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = {k: v["error"] for k, v in tq.items() if v.get("error")}
     if errors:
         print(f"errors: {errors}")
+    print()
+    print(rest_bench.report(rest))
     if args.peers:
         print()
         print(report.peers_table(systems))
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(METHOD)
     path, png = report.save(args.out, stamp, {
         "mode": mode.name, "machine": machine_summary(), "busy_before_pct": idle_busy, "elapsed_s": elapsed,
-        "argv": sys.argv[1:], "echo": echo, "systems": systems,
+        "argv": sys.argv[1:], "echo": echo, "systems": systems, "rest": rest,
     })
     print(f"\nresults: {path}" + (f", chart: {png}" if png else "") + f"  ({elapsed:.0f} s)")
     return 0

@@ -138,7 +138,7 @@ class Broker(Server):
         env.update({
             "PYTHONPATH": str(ROOT), "TQ_BROKER__HOST": HOST, "TQ_BROKER__PORT": str(self.port),
             "TQ_PERSISTENCE__DATA_DIR": str(self.dir / "data"), "TQ_MONITORING__PROMETHEUS_PORT": "0",
-            "TQ_MONITORING__LOG_LEVEL": "warning", **self.overrides,
+            "TQ_MONITORING__LOG_LEVEL": "warning", "TQ_API__REST_PORT": "0", **self.overrides,
         })
         return env
 

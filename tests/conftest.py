@@ -42,6 +42,7 @@ class BrokerProcess:
             "TQ_PERSISTENCE__DATA_DIR": str(data_dir),
             "TQ_MONITORING__PROMETHEUS_PORT": str(self.metrics_port),
             "TQ_MONITORING__PROMETHEUS_HOST": "127.0.0.1",
+            "TQ_API__REST_PORT": "0",  # off unless a test turns it on (tests.rest_helpers)
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

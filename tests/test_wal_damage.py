@@ -234,7 +234,7 @@ def test_a_missing_middle_segment_stops_the_read_and_accepting_it_moves_the_late
 def broker_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQ_")}
     env.update({"PYTHONPATH": str(ROOT), "TQ_PERSISTENCE__DATA_DIR": str(data_dir), "TQ_BROKER__HOST": "127.0.0.1",
-                "TQ_BROKER__PORT": str(free_port()), "TQ_MONITORING__PROMETHEUS_PORT": "0"})
+                "TQ_BROKER__PORT": str(free_port()), "TQ_MONITORING__PROMETHEUS_PORT": "0", "TQ_API__REST_PORT": "0"})
     return env
 
 
