@@ -157,7 +157,8 @@ def test_a_failed_start_keeps_a_data_directory_that_already_existed(tmp_path: Pa
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        done = run(env={"TQ_PERSISTENCE__DATA_DIR": str(data_dir), "TQ_MONITORING__PROMETHEUS_PORT": "0", "TQ_API__REST_PORT": "0",
+        done = run(env={"TQ_PERSISTENCE__DATA_DIR": str(data_dir), "TQ_MONITORING__PROMETHEUS_PORT": "0",
+                        "TQ_API__REST_PORT": "0",
                         "TQ_BROKER__HOST": "127.0.0.1", "TQ_BROKER__PORT": str(busy.getsockname()[1])})
     assert done.returncode == 1
     assert data_dir.is_dir()

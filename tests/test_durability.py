@@ -84,7 +84,8 @@ def is_json_log(line: str) -> bool:
 def broker_env(data_dir: Path, **env: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("TQ_")}
     base.update({"PYTHONPATH": str(ROOT), "TQ_PERSISTENCE__DATA_DIR": str(data_dir), "TQ_BROKER__HOST": "127.0.0.1",
-                 "TQ_BROKER__PORT": str(free_port()), "TQ_MONITORING__PROMETHEUS_PORT": "0", "TQ_API__REST_PORT": "0", **env})
+                 "TQ_BROKER__PORT": str(free_port()), "TQ_MONITORING__PROMETHEUS_PORT": "0",
+                 "TQ_API__REST_PORT": "0", **env})
     return base
 
 

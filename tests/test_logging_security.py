@@ -279,7 +279,8 @@ def broker_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQ_")}
     env.update({
         "PYTHONPATH": str(ROOT), "TQ_BROKER__HOST": "127.0.0.1", "TQ_BROKER__PORT": str(free_port()),
-        "TQ_MONITORING__PROMETHEUS_PORT": "0", "TQ_API__REST_PORT": "0", "TQ_PERSISTENCE__DATA_DIR": str(tmp_path / "data"),
+        "TQ_MONITORING__PROMETHEUS_PORT": "0",
+        "TQ_API__REST_PORT": "0", "TQ_PERSISTENCE__DATA_DIR": str(tmp_path / "data"),
         "TQ_MONITORING__JSON_LOGGING": "true", **settings,
     })
     return env

@@ -857,7 +857,8 @@ def test_sigterm_answers_a_waiting_claim_with_an_empty_assigned_and_exits_0_with
 def run_broker_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("TQ_")}
     base.update({"PYTHONPATH": str(ROOT), "TQ_PERSISTENCE__DATA_DIR": str(tmp_path / "data"),
-                 "TQ_MONITORING__PROMETHEUS_PORT": "0", "TQ_API__REST_PORT": "0", "TQ_BROKER__HOST": "127.0.0.1", **env})
+                 "TQ_MONITORING__PROMETHEUS_PORT": "0",
+                 "TQ_API__REST_PORT": "0", "TQ_BROKER__HOST": "127.0.0.1", **env})
     return subprocess.run([sys.executable, "-m", "actors"], cwd=ROOT, env=base, capture_output=True,
                           text=True, timeout=60)
 
