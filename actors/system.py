@@ -20,13 +20,13 @@ import pykka
 from gevent.pywsgi import WSGIServer
 
 from actors.compactor import CompactorActor, TakeSnapshot
-from actors.connection import serve_connection
 from actors.context import ApiKeys, BrokerContext
 from actors.envelopes import Shutdown
 from actors.history_link import HistoryLink
 from actors.lease_watcher import LeaseWatcherActor
 from actors.metrics import BrokerMetrics, health_app
 from actors.queue import WAL_HEADROOM_BYTES, QueueActor, writable_error
+from actors.reader import serve_connection
 from actors.registry import UseQueue, WorkerRegistryActor
 from config.settings import Settings
 from storage.db_process import DatabaseProcess, HistoryClient
@@ -132,6 +132,7 @@ class BrokerSystem:
         self.server.serve()
         server = self.server
         self.metrics.connections.set_function(lambda: server.connections)
+        self.metrics.frame_budget_reserved.set_function(lambda: ctx.budget.reserved)
         self.ready = True
         log.info("tqbroker listening on %s:%d, data dir %s", s.broker.host, self.server.port, self.data_dir,
                  extra={"host": s.broker.host, "port": self.server.port, "data_dir": str(self.data_dir)})
