@@ -17,13 +17,22 @@ from collections import deque
 import gevent.event
 
 
+class _Waiter:
+    __slots__ = ("n", "event", "granted")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.event = gevent.event.Event()
+        self.granted = False
+
+
 class FrameBudget:
     """Reserve / release bytes against a fixed limit; waiters are served first come, first served."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.reserved = 0
-        self._waiters: deque[tuple[int, gevent.event.Event]] = deque()
+        self._waiters: deque[_Waiter] = deque()
 
     def try_reserve(self, n: int) -> bool:
         """Reserves `n` bytes now if they fit and nobody is waiting ahead; never waits."""
@@ -41,15 +50,17 @@ class FrameBudget:
             return True
         if n > self.limit or timeout <= 0:
             return False
-        entry = (n, gevent.event.Event())
-        self._waiters.append(entry)
+        waiter = _Waiter(n)
+        self._waiters.append(waiter)
         try:
-            granted = entry[1].wait(timeout)
+            waiter.event.wait(timeout)
         finally:
-            if entry in self._waiters:  # timed out (or killed) while still waiting
-                self._waiters.remove(entry)
+            # Whether the bytes were handed over is `granted`, not what wait() returned: a grant that
+            # lands between the timeout and this greenlet resuming must not leak.
+            if not waiter.granted:
+                self._waiters.remove(waiter)
                 self._wake()
-        return bool(granted)
+        return waiter.granted
 
     def release(self, n: int) -> None:
         """Gives back `n` bytes reserved earlier and hands them to the waiters that now fit, in order."""
@@ -57,10 +68,11 @@ class FrameBudget:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.reserved + self._waiters[0][0] <= self.limit:
-            n, event = self._waiters.popleft()
-            self.reserved += n
-            event.set()
+        while self._waiters and self.reserved + self._waiters[0].n <= self.limit:
+            waiter = self._waiters.popleft()
+            self.reserved += waiter.n
+            waiter.granted = True
+            waiter.event.set()
 
     @property
     def waiting(self) -> int:
