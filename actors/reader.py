@@ -10,6 +10,8 @@ first frame may be at most `auth.max_hello_bytes`, so an unauthenticated peer ca
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import socket
 import ssl
@@ -28,6 +30,24 @@ from transport.messages import Error, ErrorCode
 log = logging.getLogger("tqbroker.connection")
 
 RECV_BYTES = 64 * 1024  # under glibc's mmap threshold, so a read costs no mmap+munmap
+LARGE_BUFFER_BYTES = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_large_buffers_to_the_os() -> bool:
+    """Fixes glibc's mmap threshold at 1 MiB, so every buffer of a big frame is its own mapping: freed,
+    it goes back to the OS at once, and growing it is an mremap, not a copy beside the old one.
+
+    glibc otherwise raises the threshold after the first big free (up to 32 MiB); big frame buffers then
+    come from the heap, which fragments and keeps the broker's RSS near its peak for good. Returns
+    whether it applied (glibc only).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 class Receiver:

@@ -26,7 +26,7 @@ from actors.history_link import HistoryLink
 from actors.lease_watcher import LeaseWatcherActor
 from actors.metrics import BrokerMetrics, health_app
 from actors.queue import WAL_HEADROOM_BYTES, QueueActor, writable_error
-from actors.reader import serve_connection
+from actors.reader import return_large_buffers_to_the_os, serve_connection
 from actors.registry import UseQueue, WorkerRegistryActor
 from config.settings import Settings
 from storage.db_process import DatabaseProcess, HistoryClient
@@ -90,6 +90,7 @@ class BrokerSystem:
     def start(self) -> None:
         s = self.settings
         prepare_data_dir(self.data_dir)
+        return_large_buffers_to_the_os()  # RSS falls back once big frames are gone (frame budget)
         ctx = BrokerContext(settings=s, queue=None, registry=None, server=None,
                             keys=ApiKeys(s.auth.api_keys), run_query=self._run_query, metrics=self.metrics)
         self.server = TcpServer(s.broker.host, s.broker.port, partial(serve_connection, ctx),
