@@ -128,7 +128,7 @@ class Session:
                 f"no valid HELLO within auth.hello_timeout_secs ({self.hello_timeout:g} s): authenticate "
                 "right after connecting")))
             return
-        if (self.frame_started_at and not self.waiting_budget
+        if (self.frame_started_at and not self.waiting_budget and state.drained.is_set()
                 and now - self.frame_started_at >= self.frame_timeout):
             self._close_for("frame", Error(id=0, code=ErrorCode.BAD_FRAME, message=(
                 f"a frame was still incomplete broker.frame_timeout_secs ({self.frame_timeout:g} s) after its "
@@ -141,8 +141,8 @@ class Session:
 
     def _close_for(self, deadline: str, error: Error) -> None:
         self.ctx.metrics.connection_deadlines.labels(deadline).inc()
-        self.ctx.peer_log.log(logging.WARNING, self.ip, "closing connection: %s", error.message,
-                              extra={"peer": self.peer})
+        self.ctx.peer_log.log(logging.WARNING, f"{deadline}-deadline {self.ip}", "closing connection: %s",
+                              error.message, extra={"peer": self.peer})
         self.outbox.close_with(error)
 
     @property
@@ -157,7 +157,8 @@ class Session:
 
     def evict(self, reason: str) -> None:
         self.ctx.metrics.connections_evicted.inc()
-        self.ctx.peer_log.log(logging.WARNING, self.ip, "evicting connection: %s", reason, extra={"peer": self.peer})
+        self.ctx.peer_log.log(logging.WARNING, f"evict {self.ip}", "evicting connection: %s", reason,
+                              extra={"peer": self.peer})
         self.outbox.close_with(Error(id=0, code=ErrorCode.TOO_MANY_CONNECTIONS, message=reason))
 
     def hold_frame(self, started: bool, need: int, now: float) -> bool:
@@ -246,7 +247,8 @@ class Session:
     def auth_failed(self, why: str) -> None:
         """Counts a failed authentication and logs it, at most one line per peer IP per 10 s; never the key."""
         self.ctx.metrics.auth_failures.inc()
-        self.ctx.peer_log.log(logging.WARNING, self.ip, "authentication failed: %s", why, extra={"peer": self.peer})
+        self.ctx.peer_log.log(logging.WARNING, f"auth {self.ip}", "authentication failed: %s", why,
+                              extra={"peer": self.peer})
 
     def _welcome(self, msg: Hello) -> Message:
         if msg.protocol != 1:

@@ -29,7 +29,7 @@ class RateLimitedLog:
             return False
         suppressed = last[1] if last is not None else 0
         if suppressed:
-            msg += f" ({suppressed} more from {key} suppressed in the last {self.interval_s:g} s)"
+            msg += f" ({suppressed} more like this suppressed since the last one)"
         self._last.pop(key, None)
         self._last[key] = (now, 0)
         if len(self._last) > MAX_KEYS:

@@ -96,7 +96,7 @@ def serve_connection(ctx: BrokerContext, sock: socket.socket, address: Any) -> N
     peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
     refusal = ctx.refuse_peer(address)
     if refusal is not None:
-        ctx.peer_log.log(logging.WARNING, ip, "connection refused: %s", refusal, extra={"peer": peer})
+        ctx.peer_log.log(logging.WARNING, f"refused {ip}", "connection refused: %s", refusal, extra={"peer": peer})
         ctx.metrics.count_errors([ErrorCode.UNAUTHORIZED])
         _send_and_close(sock, Error(id=0, code=ErrorCode.UNAUTHORIZED, message=refusal))
         return
