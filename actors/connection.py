@@ -231,24 +231,23 @@ class Session:
     def _authenticate(self, msg: Message, direct: list[Message]) -> bool:
         """With auth enabled, the first frame must be a HELLO carrying a valid key."""
         if not isinstance(msg, Hello):
-            self.auth_failed("first frame is not a HELLO")
+            self.auth_failed()
             direct.append(Error(id=msg.id, code=ErrorCode.UNAUTHORIZED,  # type: ignore[attr-defined]
                                 message="authentication required: the first frame must be a valid HELLO with "
                                         "an api_key"))
             return False
         if not self.ctx.keys.accepts(msg.api_key):
-            self.auth_failed("invalid api_key")
+            self.auth_failed()
             direct.append(Error(id=msg.id, code=ErrorCode.UNAUTHORIZED, message="invalid api_key"))
             return False
         self.authenticated = True
         direct.append(self._welcome(msg))
         return True
 
-    def auth_failed(self, why: str) -> None:
-        """Counts a failed authentication and logs it, at most one line per peer IP per 10 s; never the key."""
+    def auth_failed(self) -> None:
+        """Counts a failed authentication and logs it, at most 10 lines per peer IP per 10 s; never the key."""
         self.ctx.metrics.auth_failures.inc()
-        self.ctx.peer_log.log(logging.WARNING, f"auth {self.ip}", "authentication failed: %s", why,
-                              extra={"peer": self.peer})
+        self.ctx.peer_log.log(logging.WARNING, f"auth {self.ip}", "authentication failed", extra={"peer": self.peer})
 
     def _welcome(self, msg: Hello) -> Message:
         if msg.protocol != 1:

@@ -65,7 +65,7 @@ class BrokerContext:
     idle: IdleSweeper = field(default_factory=IdleSweeper, repr=False)  # closes idle connections
     budget: FrameBudget = field(init=False, repr=False)  # broker.max_inflight_frame_bytes, all connections
     queries: QueryGate = field(init=False, repr=False)  # QUERYs running in the database at once
-    # warnings an attacker can trigger at will (failed HELLOs, deadlines, refusals): one line per peer IP per 10 s
+    # warnings an attacker can trigger at will (failed HELLOs, deadlines, refusals): 10 lines per kind and IP per 10 s
     peer_log: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(logging.getLogger("tqbroker.connection")),
                                      repr=False)
 

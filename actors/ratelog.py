@@ -1,6 +1,6 @@
-"""RateLimitedLog: at most one log line per key (e.g. a peer's IP) per interval, so an attacker cannot
-flood the log. The first event of a key is logged at once; later ones within the interval are counted,
-and the next line logged for that key says how many were suppressed.
+"""RateLimitedLog: at most `burst` log lines per key (e.g. a peer's IP) per interval, so an attacker cannot
+flood the log while a few honest mistakes (a mistyped key) are all logged. Events past the burst are
+counted, and the next line logged for that key says how many were suppressed.
 """
 
 from __future__ import annotations
@@ -15,24 +15,27 @@ MAX_KEYS = 10_000  # keys remembered at once; past this the oldest are forgotten
 class RateLimitedLog:
     """One owner (the hub's greenlets, which never run at once); `log` is cheap when suppressed."""
 
-    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0, burst: int = 10) -> None:
         self.logger = logger
         self.interval_s = interval_s
-        self._last: dict[str, tuple[float, int]] = {}  # key -> (monotonic time last logged, suppressed since)
+        self.burst = burst
+        self._windows: dict[str, list[float]] = {}  # key -> [window start, lines logged in it, suppressed]
 
     def log(self, level: int, key: str, msg: str, *args: Any, extra: dict[str, Any] | None = None) -> bool:
-        """Logs `msg % args` unless `key` was logged within the interval; True if it was logged."""
+        """Logs `msg % args` unless `key` already had `burst` lines in this interval; True if logged."""
         now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last[0] < self.interval_s:
-            self._last[key] = (last[0], last[1] + 1)
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.interval_s:
+            suppressed = int(window[2]) if window is not None else 0
+            self._windows.pop(key, None)
+            window = self._windows[key] = [now, 0, 0]
+            if len(self._windows) > MAX_KEYS:
+                del self._windows[next(iter(self._windows))]
+            if suppressed:
+                msg += f" ({suppressed} more like this suppressed before)"
+        elif window[1] >= self.burst:
+            window[2] += 1
             return False
-        suppressed = last[1] if last is not None else 0
-        if suppressed:
-            msg += f" ({suppressed} more like this suppressed since the last one)"
-        self._last.pop(key, None)
-        self._last[key] = (now, 0)
-        if len(self._last) > MAX_KEYS:
-            del self._last[next(iter(self._last))]
+        window[1] += 1
         self.logger.log(level, msg, *args, extra=extra)
         return True

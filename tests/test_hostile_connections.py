@@ -135,19 +135,19 @@ def test_an_authenticated_client_outlives_the_hello_deadline(auth_broker: Broker
         assert client.stats() is not None
 
 
-def test_failed_hellos_are_counted_each_but_logged_once_per_peer(auth_broker: BrokerProcess) -> None:
+def test_failed_hellos_are_counted_each_but_logged_at_most_ten_times_per_peer(auth_broker: BrokerProcess) -> None:
     before = metric(auth_broker, "tq_auth_failures_total")
     lines_before = auth_broker.log().count("authentication failed")
-    for i in range(20):
+    for i in range(30):
         raw = RawConn(auth_broker.port)
         try:
             raw.send(frame(HELLO, id=i + 1, client="attacker", protocol=1, api_key="wrong-key-" + str(i)))
             assert error_of(raw)["code"] == "UNAUTHORIZED"
         finally:
             raw.close()
-    wait_for(lambda: metric(auth_broker, "tq_auth_failures_total") >= before + 20)
+    wait_for(lambda: metric(auth_broker, "tq_auth_failures_total") >= before + 30)
     log = auth_broker.log()
-    assert log.count("authentication failed") - lines_before <= 1
+    assert log.count("authentication failed") - lines_before <= 10
     assert "wrong-key" not in log
 
 

@@ -78,8 +78,8 @@ def test_the_query_gate_runs_one_query_per_connection_while_others_wait() -> Non
     assert started == ["hog-1", "other", "hog-2"] and gate.running == {}
 
 
-def test_the_rate_limited_log_logs_once_per_key_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
-    log = RateLimitedLog(logging.getLogger("test.ratelog"), interval_s=3600)
+def test_the_rate_limited_log_logs_a_burst_per_key_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    log = RateLimitedLog(logging.getLogger("test.ratelog"), interval_s=3600, burst=1)
     with caplog.at_level(logging.WARNING, logger="test.ratelog"):
         results = [log.log(logging.WARNING, "10.0.0.1", "authentication failed") for _ in range(5)]
         log.log(logging.WARNING, "10.0.0.2", "authentication failed")
@@ -88,7 +88,7 @@ def test_the_rate_limited_log_logs_once_per_key_and_counts_the_rest(caplog: pyte
     log.interval_s = 0
     with caplog.at_level(logging.WARNING, logger="test.ratelog"):
         log.log(logging.WARNING, "10.0.0.1", "authentication failed")
-    assert "4 more like this suppressed" in caplog.records[-1].getMessage()
+    assert "4 more like this suppressed before" in caplog.records[-1].getMessage()
 
 
 def test_the_reader_announces_a_frames_length_once_its_header_is_in() -> None:
