@@ -224,6 +224,10 @@ class Session:
             self._send(direct)
         return True
 
+    def refuse(self, error: Error) -> None:
+        """Answers `error` after every reply already due on this connection, then closes it."""
+        self._send([error], close=True)
+
     def _send(self, messages: list[Message], close: bool = False) -> None:
         self.state.in_flight += len(messages)
         self.outbox.tell(Replies(messages, close=close))

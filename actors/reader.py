@@ -155,7 +155,7 @@ def _refuse_frame(session: Session, exc: FrameError) -> None:
     if exc.code == ErrorCode.UNAUTHORIZED:
         session.auth_failed()
     session.route(exc.frames)  # type: ignore[attr-defined]
-    session._send([Error(id=0, code=exc.code, message=exc.message)], close=True)
+    session.refuse(Error(id=0, code=exc.code, message=exc.message))
 
 
 def _refuse_for_budget(session: Session, need: int) -> None:
@@ -166,10 +166,10 @@ def _refuse_for_budget(session: Session, need: int) -> None:
     ctx.peer_log.log(logging.WARNING, "frame-budget", "refusing a frame of %d bytes from %s: "
                      "broker.max_inflight_frame_bytes (%d) stayed in use for broker.frame_timeout_secs",
                      need - 4, session.peer, limit, extra={"peer": session.peer})
-    session._send([Error(id=0, code=ErrorCode.QUEUE_FULL, message=(
+    session.refuse(Error(id=0, code=ErrorCode.QUEUE_FULL, message=(
         f"the broker is already receiving broker.max_inflight_frame_bytes ({limit}) bytes of frames and found "
         f"no room for this frame of {need - 4} bytes within broker.frame_timeout_secs; nothing in it was "
-        "accepted: reconnect and retry later"))], close=True)
+        "accepted: reconnect and retry later")))
 
 
 def _send_and_close(sock: socket.socket, error: Error) -> None:
