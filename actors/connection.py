@@ -156,6 +156,9 @@ class Session:
         return self.frames_seen == 0
 
     def evict(self, reason: str) -> None:
+        """Closes this connection for a newcomer (see `evictable`), telling the peer `reason` and why it."""
+        reason += (" and this one has not authenticated" if self.ctx.settings.auth.enabled
+                   else " and this one has not sent a complete frame")
         self.ctx.metrics.connections_evicted.inc()
         self.ctx.peer_log.log(logging.WARNING, f"evict {self.ip}", "evicting connection: %s", reason,
                               extra={"peer": self.peer})

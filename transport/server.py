@@ -48,7 +48,6 @@ class TcpServer:
         self._handle = handle
         self.max_connections = max_connections
         self.connections = 0
-        self.evictions = 0  # connections closed to make room for a newcomer, since the start
         self._tracked: dict[ConnectionHandle, None] = {}  # insertion order = oldest first
         self._evicted: set[ConnectionHandle] = set()  # closed for room but not gone yet
         self.ssl_context = ssl_context
@@ -95,9 +94,8 @@ class TcpServer:
             if handle.evictable:
                 del self._tracked[handle]
                 self._evicted.add(handle)
-                self.evictions += 1
                 handle.evict(f"closed to make room for a new connection: broker.max_connections "
-                             f"({self.max_connections}) are open and this one has not authenticated")
+                             f"({self.max_connections}) are open")
                 return True
         return False
 
