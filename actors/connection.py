@@ -1,19 +1,20 @@
-"""One connection: its reader loop, its reply address (`actors.outbox`) and its ConnectionActor.
+"""One connection: its Session (routing, authentication, deadlines), its reply address (`actors.outbox`)
+and its ConnectionActor. The reader loop that feeds the Session is `actors.reader`.
 
 A connection has two halves on the same gevent hub. Its reader (the server's handler greenlet, in
-`serve_connection`) decodes all frames of each `recv()` and routes them: queue-bound requests go to the
+`actors.reader.serve_connection`) decodes all frames of each `recv()` and routes them: queue-bound requests go to the
 queue actor as ONE message, worker requests to the registry, HELLO and framing errors are answered
 here. Every request carries the connection's `ConnectionOutbox` as its reply address: a reply with
 nothing queued ahead of it leaves at once with one non-blocking send from the replying greenlet; the
 others (and the rest of a partial send) go through the ConnectionActor, the only one that waits on a
-slow client. Idle connections are closed by one sweeper greenlet (`actors.idle`), not socket timeouts.
+slow client. Idle connections are closed by one sweeper greenlet (`actors.idle`), not socket timeouts;
+the same sweeper enforces the hello and frame deadlines (`Session.sweep`).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import time
 from typing import Any
 
@@ -23,9 +24,8 @@ import pykka
 from actors.context import BrokerContext
 from actors.envelopes import ConnectionClosed, QueueRequests, RegistryRequest, Replies
 from actors.hub_actor import HubActor
-from actors.outbox import MAX_IN_FLIGHT, ConnectionOutbox, ConnectionState, Unsent
-from transport.connection import RECV_BYTES
-from transport.frames import FrameError, FrameReader, decode_request, encode_frame
+from actors.outbox import ConnectionOutbox, ConnectionState, Unsent
+from transport.frames import decode_request
 from transport.messages import (
     Cancel,
     Claim,
@@ -49,6 +49,9 @@ from transport.messages import (
 
 log = logging.getLogger("tqbroker.connection")
 
+# A frame up to this size never waits for the frame budget: at most one per connection is partial, so
+# max_connections bounds their memory (64 MiB at 1,000), and a HELLO is never stuck behind big uploads.
+UNBUDGETED_FRAME_BYTES = 64 * 1024
 _QUEUE_REQUESTS = (Submit, SubmitBatch, Claim, Result, Status, Cancel)
 _REGISTRY_REQUESTS = (Register, Deregister, Heartbeat, Stats, Workers)
 
@@ -81,32 +84,123 @@ class ConnectionActor(HubActor):
 
 
 class Session:
-    """The reader's view of one connection: who it is and whether it has authenticated."""
+    """The reader's view of one connection: who it is, whether it has authenticated, its deadlines.
 
-    def __init__(self, ctx: BrokerContext, sock: socket.socket, peer: str) -> None:
+    Deadlines (checked by the idle sweeper in `sweep`): bytes that arrive reset the idle timer, but the
+    hello deadline (from the connect) and the frame deadline (from the first byte of a frame) are
+    absolute: dribbling bytes do not extend them.
+    """
+
+    def __init__(self, ctx: BrokerContext, sock: socket.socket, peer: str, ip: str = "") -> None:
         self.ctx = ctx
         self.sock = sock
         self.peer = peer
-        self.authenticated = not ctx.settings.auth.enabled
-        self.idle_timeout = ctx.settings.broker.connection_timeout_secs
+        self.ip = ip or peer
+        s = ctx.settings
+        self.authenticated = not s.auth.enabled
+        self.idle_timeout = s.broker.connection_timeout_secs
+        self.hello_timeout = s.auth.hello_timeout_secs
+        self.frame_timeout = s.broker.frame_timeout_secs
+        self.opened_at = time.monotonic()
+        self.frame_started_at = 0.0  # monotonic time the first byte of the incomplete frame came; 0: none
+        self.frames_seen = 0  # complete frames received
+        self.reserved = 0  # bytes of ctx.budget held by the incomplete frame
+        self.waiting_budget = False  # the reader waits for ctx.budget (and enforces the frame deadline itself)
+        self.queries = 0  # QUERYs in flight (api.max_queries_per_connection)
         self.state = ConnectionState()
         self.claimed = False  # a CLAIM came on this connection: the queue must hear when it closes
         self.outbox = ConnectionOutbox(sock, self.state, ctx.metrics)  # every request's reply address
         self.actor = ConnectionActor.start(self.outbox)
         self.outbox.bind(self.actor)
 
-    def sweep(self, now: float) -> None:
-        """Called by the idle sweeper: shuts the socket down once nothing came in for the idle timeout.
+    @property
+    def sweep_every(self) -> float:
+        """The shortest of this connection's timeouts: the sweeper looks at it a few times per that."""
+        return min(self.idle_timeout, self.frame_timeout, self.hello_timeout)
 
-        A waiting long-poll CLAIM spares the connection. The shutdown wakes the reader (its `recv`
-        fails, so the connection closes the usual way) and an actor stuck in `sendall` to a client
-        that stopped reading.
+    def sweep(self, now: float) -> None:
+        """Called by the idle sweeper: closes the connection past its hello, frame or idle deadline.
+
+        A waiting long-poll CLAIM spares the connection from the idle timeout (not from the others).
+        The shutdown wakes the reader (its `recv` fails, so the connection closes the usual way) and an
+        actor stuck in `sendall` to a client that stopped reading.
         """
         state = self.state
-        if state.closed or state.waiting_claims or now - state.active_at < self.idle_timeout:
+        if state.closed:
+            return
+        if not self.authenticated and now - self.opened_at >= self.hello_timeout:
+            self._close_for("hello", Error(id=0, code=ErrorCode.UNAUTHORIZED, message=(
+                f"no valid HELLO within auth.hello_timeout_secs ({self.hello_timeout:g} s): authenticate "
+                "right after connecting")))
+            return
+        if (self.frame_started_at and not self.waiting_budget and state.drained.is_set()
+                and now - self.frame_started_at >= self.frame_timeout):
+            self._close_for("frame", Error(id=0, code=ErrorCode.BAD_FRAME, message=(
+                f"a frame was still incomplete broker.frame_timeout_secs ({self.frame_timeout:g} s) after its "
+                "first byte: send each frame whole")))
+            return
+        if state.waiting_claims or now - state.active_at < self.idle_timeout:
             return
         log.info("closing idle connection after %s s", self.idle_timeout, extra={"peer": self.peer})
         self.outbox.shutdown()
+
+    def _close_for(self, deadline: str, error: Error) -> None:
+        self.ctx.metrics.connection_deadlines.labels(deadline).inc()
+        self.ctx.peer_log.log(logging.WARNING, f"{deadline}-deadline {self.ip}", "closing connection: %s",
+                              error.message, extra={"peer": self.peer})
+        self.outbox.close_with(error)
+
+    @property
+    def evictable(self) -> bool:
+        """May be closed for a newcomer at broker.max_connections: not yet authenticated (auth on), or
+        (auth off) not a single complete frame received yet."""
+        if self.state.closed:
+            return False
+        if self.ctx.settings.auth.enabled:
+            return not self.authenticated
+        return self.frames_seen == 0
+
+    def evict(self, reason: str) -> None:
+        """Closes this connection for a newcomer (see `evictable`), telling the peer `reason` and why it."""
+        reason += (" and this one has not authenticated" if self.ctx.settings.auth.enabled
+                   else " and this one has not sent a complete frame")
+        self.ctx.metrics.connections_evicted.inc()
+        self.ctx.peer_log.log(logging.WARNING, f"evict {self.ip}", "evicting connection: %s", reason,
+                              extra={"peer": self.peer})
+        self.outbox.close_with(Error(id=0, code=ErrorCode.TOO_MANY_CONNECTIONS, message=reason))
+
+    def hold_frame(self, started: bool, need: int, now: float) -> bool:
+        """Reserves budget for the incomplete frame that needs `need` bytes in all (0: header not in yet).
+
+        `started`: a new frame began (the previous one completed, or nothing was buffered). Waits for
+        budget up to the frame deadline; False when none came (the caller refuses the frame).
+        """
+        if started:
+            self.release_frame()
+            self.frame_started_at = now
+        if need <= UNBUDGETED_FRAME_BYTES or self.reserved:
+            return True
+        budget = self.ctx.budget
+        if not budget.try_reserve(need):
+            self.waiting_budget = True
+            try:
+                granted = budget.reserve(need, self.frame_started_at + self.frame_timeout - time.monotonic())
+            finally:
+                self.waiting_budget = False
+            if not granted:
+                return False
+            if self.state.closed:  # evicted or shut down meanwhile
+                budget.release(need)
+                return True
+        self.reserved = need
+        return True
+
+    def release_frame(self) -> None:
+        """No frame is being received any more: its deadline and its budget end."""
+        self.frame_started_at = 0.0
+        if self.reserved:
+            self.ctx.budget.release(self.reserved)
+            self.reserved = 0
 
     def route(self, frames: list[tuple[int, bytes]], nbytes: int = 0) -> bool:
         """Routes decoded frames; False when the connection must close (failed authentication)."""
@@ -130,8 +224,7 @@ class Session:
             elif isinstance(msg, Hello):
                 direct.append(self._welcome(msg))
             elif isinstance(msg, Query):
-                self.state.in_flight += 1
-                gevent.spawn(self._query, msg)
+                self._start_query(msg, direct)
             else:
                 direct.append(msg)
         if to_queue:
@@ -141,6 +234,10 @@ class Session:
             self._send(direct)
         return True
 
+    def refuse(self, error: Error) -> None:
+        """Answers `error` after every reply already due on this connection, then closes it."""
+        self._send([error], close=True)
+
     def _send(self, messages: list[Message], close: bool = False) -> None:
         self.state.in_flight += len(messages)
         self.outbox.tell(Replies(messages, close=close))
@@ -148,17 +245,23 @@ class Session:
     def _authenticate(self, msg: Message, direct: list[Message]) -> bool:
         """With auth enabled, the first frame must be a HELLO carrying a valid key."""
         if not isinstance(msg, Hello):
+            self.auth_failed()
             direct.append(Error(id=msg.id, code=ErrorCode.UNAUTHORIZED,  # type: ignore[attr-defined]
                                 message="authentication required: the first frame must be a valid HELLO with "
                                         "an api_key"))
             return False
         if not self.ctx.keys.accepts(msg.api_key):
-            log.warning("authentication failed", extra={"peer": self.peer})
+            self.auth_failed()
             direct.append(Error(id=msg.id, code=ErrorCode.UNAUTHORIZED, message="invalid api_key"))
             return False
         self.authenticated = True
         direct.append(self._welcome(msg))
         return True
+
+    def auth_failed(self) -> None:
+        """Counts a failed authentication and logs it, at most 10 lines per peer IP per 10 s; never the key."""
+        self.ctx.metrics.auth_failures.inc()
+        self.ctx.peer_log.log(logging.WARNING, f"auth {self.ip}", "authentication failed", extra={"peer": self.peer})
 
     def _welcome(self, msg: Hello) -> Message:
         if msg.protocol != 1:
@@ -169,14 +272,32 @@ class Session:
                        heartbeat_interval_ms=int(s.worker.heartbeat_interval_secs * 1000),
                        max_batch_claim=s.broker.max_batch_claim)
 
+    def _start_query(self, msg: Query, direct: list[Message]) -> None:
+        limit = self.ctx.settings.api.max_queries_per_connection
+        if self.queries >= limit:
+            direct.append(Error(id=msg.id, code=ErrorCode.QUEUE_FULL, message=(
+                f"this connection already has {limit} QUERYs in flight (api.max_queries_per_connection): "
+                "wait for an answer, then retry")))
+            return
+        self.queries += 1
+        self.state.in_flight += 1
+        gevent.spawn(self._query, msg)
+
     def _query(self, msg: Query) -> None:
-        reply: Message
+        reply: Message | None = None
         try:
-            columns, rows = self.ctx.run_query(msg.sql)
-            reply = Rows(id=msg.id, columns=columns, rows=rows)
+            with self.ctx.queries.slot(self):
+                if self.state.closed:  # the client went away while its query waited: skip the work
+                    return
+                columns, rows = self.ctx.run_query(msg.sql)
+                reply = Rows(id=msg.id, columns=columns, rows=rows)
         except Exception as exc:  # QueryRefused / QueryTimeout / no history: all user-facing text
             code = getattr(exc, "code", ErrorCode.BAD_REQUEST)
             reply = Error(id=msg.id, code=code, message=getattr(exc, "message", None) or str(exc))
+        finally:
+            self.queries -= 1
+        if reply is None:
+            return
         try:
             self.outbox.tell(Replies([reply]))
         except pykka.ActorDeadError:  # the client went away while its query ran
@@ -190,80 +311,3 @@ class Session:
             self.actor.stop(block=True, timeout=5.0)
         except (pykka.Timeout, pykka.ActorDeadError):
             pass
-
-
-class Receiver:
-    """Reads one connection: waits until its socket is readable, then one `recv`.
-
-    gevent's `recv` tries first and waits only on EAGAIN. A client that sends one request and waits
-    for the reply (figure a of the benchmark) has sent nothing more right after its request was
-    routed, so that try was a failed syscall and a raised exception per request: waiting first
-    measured 7-10 µs/request less there, and no change pipelined (figure b), where a read that filled
-    the buffer is followed by an immediate `recv` anyway. Not for TLS: decrypted bytes may wait in
-    the SSL object while the socket itself has nothing to read.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._hub = gevent.get_hub()
-        self._readable = None if isinstance(sock, ssl.SSLSocket) else self._hub.loop.io(sock.fileno(), 1)
-        self._full = False
-
-    def recv(self) -> bytes:
-        if self._readable is not None and not self._full:
-            self._hub.wait(self._readable)
-        data = self.sock.recv(RECV_BYTES)
-        self._full = len(data) == RECV_BYTES
-        return data
-
-    def close(self) -> None:
-        if self._readable is not None:
-            self._readable.close()
-
-
-def serve_connection(ctx: BrokerContext, sock: socket.socket, address: Any) -> None:
-    """The reader loop of one connection, run by the server in the connection's own greenlet."""
-    peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-    refusal = ctx.refuse_peer(address)
-    if refusal is not None:
-        log.warning("connection refused: %s", refusal, extra={"peer": peer})
-        ctx.metrics.count_errors([ErrorCode.UNAUTHORIZED])
-        _send_and_close(sock, Error(id=0, code=ErrorCode.UNAUTHORIZED, message=refusal))
-        return
-    session = Session(ctx, sock, peer)
-    reader = FrameReader(ctx.settings.broker.max_frame_bytes)
-    state, monotonic, receiver = session.state, time.monotonic, Receiver(sock)
-    ctx.idle.watch(session, session.idle_timeout)  # no socket timeout: see actors.idle
-    try:
-        while not state.closed:
-            try:
-                data = receiver.recv()
-            except (OSError, ValueError):  # ValueError: a TLS socket the idle sweeper shut down
-                break
-            if not data:
-                break
-            state.active_at = monotonic()
-            try:
-                frames = reader.feed(data)
-            except FrameError as exc:
-                session.route(exc.frames)  # type: ignore[attr-defined]
-                session._send([Error(id=0, code=exc.code, message=exc.message)], close=True)
-                break
-            if not session.route(frames, len(data)):
-                break
-            if state.in_flight > MAX_IN_FLIGHT:
-                state.drained.clear()
-                state.drained.wait()
-    finally:
-        ctx.idle.unwatch(session)
-        receiver.close()
-        session.close()
-
-
-def _send_and_close(sock: socket.socket, error: Error) -> None:
-    try:
-        sock.sendall(encode_frame(error))
-    except OSError:
-        pass
-    finally:
-        sock.close()

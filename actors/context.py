@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.idle import IdleSweeper
 from actors.metrics import BrokerMetrics
+from actors.queries import QueryGate
+from actors.ratelog import RateLimitedLog
 from config.settings import Settings
+from transport.budget import FrameBudget
 
 
 class ApiKeys:
@@ -59,6 +63,15 @@ class BrokerContext:
     metrics: BrokerMetrics
     server_name: str = "tqbroker/0.1.0"
     idle: IdleSweeper = field(default_factory=IdleSweeper, repr=False)  # closes idle connections
+    budget: FrameBudget = field(init=False, repr=False)  # broker.max_inflight_frame_bytes, all connections
+    queries: QueryGate = field(init=False, repr=False)  # QUERYs running in the database at once
+    # warnings an attacker can trigger at will (failed HELLOs, deadlines, refusals): 10 lines per kind and IP per 10 s
+    peer_log: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(logging.getLogger("tqbroker.connection")),
+                                     repr=False)
+
+    def __post_init__(self) -> None:
+        self.budget = FrameBudget(self.settings.broker.max_inflight_frame_bytes)
+        self.queries = QueryGate(self.settings.api.max_concurrent_queries)
 
     def refuse_peer(self, address: Any) -> str | None:
         """Protected mode: without auth, only loopback peers may connect unless explicitly allowed."""

@@ -74,6 +74,15 @@ class BrokerMetrics:
         self.backpressure = Counter("tq_backpressure_refusals", "SUBMITs refused with QUEUE_FULL", registry=r)
         self.history_backlog = Gauge("tq_history_backlog", "Finished tasks not yet written to DuckDB",
                                      registry=r)
+        self.auth_failures = Counter("tq_auth_failures", "HELLOs refused for a missing or wrong api_key", registry=r)
+        self.frame_budget_refusals = Counter("tq_frame_budget_refusals", "Frames refused because "
+                                             "broker.max_inflight_frame_bytes stayed in use", registry=r)
+        self.frame_budget_reserved = Gauge("tq_frame_budget_reserved_bytes", "Bytes reserved by frames "
+                                           "being received (broker.max_inflight_frame_bytes)", registry=r)
+        self.connections_evicted = Counter("tq_connections_evicted", "Unauthenticated connections closed to "
+                                           "make room at broker.max_connections", registry=r)
+        self.connection_deadlines = Counter("tq_connection_deadlines", "Connections closed for missing a "
+                                            "deadline", ["deadline"], registry=r)  # hello | frame
         self._submitted: dict[str, Any] = {}
         self._finished: dict[tuple[str, str], Any] = {}
         self._processing: dict[str, Any] = {}

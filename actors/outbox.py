@@ -157,6 +157,18 @@ class ConnectionOutbox:
         finally:
             self.sending = False
 
+    def close_with(self, error: Error) -> None:
+        """Closes the connection both ways, first sending `error` if nothing is queued ahead of it and
+        the kernel takes it without waiting (best effort: whoever calls this must not wait on the peer)."""
+        if (self.inline and not self.sending and not self.state.closed and self._inbox is not None
+                and self._inbox.empty()):
+            self.metrics.count_errors([error.code])
+            try:
+                self.sock.send(encode_frames([error]), 0, 0.0)
+            except OSError:  # includes BlockingIOError: the peer is not reading
+                pass
+        self.shutdown()
+
     def shutdown(self) -> None:
         """Closes the connection both ways: the reader's `recv` and any waiting send fail at once."""
         self.state.closed = True

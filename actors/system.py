@@ -21,7 +21,6 @@ import pykka
 from gevent.pywsgi import WSGIServer
 
 from actors.compactor import CompactorActor, TakeSnapshot
-from actors.connection import serve_connection
 from actors.context import ApiKeys, BrokerContext
 from actors.envelopes import Shutdown
 from actors.history_link import HistoryLink
@@ -30,6 +29,7 @@ from actors.hub_actor import set_crash_listener
 from actors.lease_watcher import LeaseWatcherActor
 from actors.metrics import BrokerMetrics, health_app
 from actors.queue import WAL_HEADROOM_BYTES, QueueActor, writable_error
+from actors.reader import return_large_buffers_to_the_os, serve_connection
 from actors.registry import UseQueue, WorkerRegistryActor
 from config.settings import Settings
 from storage.db_process import DatabaseProcess, HistoryClient
@@ -111,6 +111,7 @@ class BrokerSystem:
     def start(self) -> None:
         s = self.settings
         self.created_dirs = prepare_data_dir(self.data_dir)
+        return_large_buffers_to_the_os()  # RSS falls back once big frames are gone (frame budget)
         ctx = BrokerContext(settings=s, queue=None, registry=None, server=None,
                             keys=ApiKeys(s.auth.api_keys), run_query=self._run_query, metrics=self.metrics)
         self.server = TcpServer(s.broker.host, s.broker.port, partial(serve_connection, ctx),
@@ -155,6 +156,7 @@ class BrokerSystem:
         self._start_rest(ctx)
         server = self.server
         self.metrics.connections.set_function(lambda: server.connections)
+        self.metrics.frame_budget_reserved.set_function(lambda: ctx.budget.reserved)
         self.ready = True
         log.info("tqbroker listening on %s:%d, data dir %s", s.broker.host, self.server.port, self.data_dir,
                  extra={"host": s.broker.host, "port": self.server.port, "data_dir": str(self.data_dir)})

@@ -53,6 +53,10 @@ class BrokerSettings(_Section):
     max_batch_claim: PosInt = 10
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=2**32 - 1)] = 16777216  # u32 length field
     connection_timeout_secs: PosInt = 30
+    # bytes of partially received frames held at once, all connections together (a frame's header reserves
+    # its length); must hold one frame of max_frame_bytes
+    max_inflight_frame_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 268435456
+    frame_timeout_secs: PosFloat = 30.0  # a frame whose first byte arrived must be complete within this
     default_max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3  # TaskSpec.max_retries range
     retry_backoff_base_ms: PosInt = 1000
     retry_backoff_max_ms: PosInt = 300000
@@ -87,6 +91,8 @@ class ApiSettings(_Section):
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
     query_timeout_secs: PosFloat = 30.0
+    max_queries_per_connection: PosInt = 2  # QUERYs in flight on one connection; more get QUEUE_FULL
+    max_concurrent_queries: PosInt = 2  # QUERYs running in the database at once (it has two reader threads)
 
 
 class AuthSettings(_Section):
@@ -94,6 +100,8 @@ class AuthSettings(_Section):
     api_keys: tuple[NonEmptyStr, ...] = ()
     allow_unauthenticated_remote: bool = False
     read_only_api_keys: tuple[NonEmptyStr, ...] = ()  # REST API and dashboard only; GET and query
+    hello_timeout_secs: PosFloat = 5.0  # with auth on, a connection not authenticated by then is closed
+    max_hello_bytes: Annotated[int, msgspec.Meta(ge=64, le=1048576)] = 1024  # first-frame limit with auth on
 
 
 class MonitoringSettings(_Section):
@@ -283,6 +291,10 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError(f"{key} must be >= broker.retry_backoff_base_ms", key=key)
     if api.enable_tls and not (api.tls_cert_path and api.tls_key_path):
         raise ConfigError("api.enable_tls needs api.tls_cert_path and api.tls_key_path", key="api.enable_tls")
+    if broker.max_inflight_frame_bytes < broker.max_frame_bytes + 4:
+        key = "broker.max_inflight_frame_bytes"
+        raise ConfigError(f"{key} must be >= broker.max_frame_bytes + 4, so one frame of the largest size fits",
+                          key=key)
     if auth.enabled and not auth.api_keys:
         raise ConfigError("auth.enabled is true but auth.api_keys is empty", key="auth.api_keys")
     for name, entries in (("api_keys", auth.api_keys), ("read_only_api_keys", auth.read_only_api_keys)):

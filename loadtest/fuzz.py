@@ -1,6 +1,11 @@
 """A raw-socket protocol fuzzer with a canary client: does the broker stay correct under garbage?
 
     python -m loadtest.fuzz --host 127.0.0.1 --port 6379 --seconds 60 [--pid PID] [--seed N] [--json FILE]
+    python -m loadtest.fuzz --attack partial-frames|slowloris|hello-flood --conns 1000 [--interval 20] ...
+
+With --attack, the frame fuzzing below is replaced by one connection-level attack of
+`loadtest.fuzz_hostile` (see its docstring), with the same canary, RSS and summary, plus how long a fresh
+legitimate connection took to be served.
 
 Fuzz threads open their own connections and send, by kind:
 
@@ -46,6 +51,7 @@ from typing import Any
 from loadtest.fuzz_attacks import KIND_WEIGHTS, REFUSED_SQL, Fuzzer
 from loadtest.fuzz_canary import Canary
 from loadtest.fuzz_gen import Gen
+from loadtest.fuzz_hostile import ATTACKS, Attack, attack_summary, format_attack
 from loadtest.fuzz_wire import HEADER, REQ, Options, RawConn, Tally, frame, pack
 from transport.client import Client
 from transport.errors import BrokerError, ClientError
@@ -112,10 +118,15 @@ def run(opts: Options) -> dict[str, Any]:
     tally = Tally()
     stop = threading.Event()
     watch = RssWatch(opts.pid)
-    fuzzer = Fuzzer(opts, tally, stop)
     canary = Canary(opts, tally, stop)
-    threads = [threading.Thread(target=fuzzer.run_worker, args=(i,), daemon=True, name=f"fuzz-{i}")
-               for i in range(opts.workers)]
+    attack = Attack(opts, opts.attack, opts.conns, opts.interval, stop) if opts.attack else None
+    if attack is not None:
+        threads = [threading.Thread(target=attack.run, daemon=True, name="attack"),
+                   threading.Thread(target=attack.probe_loop, daemon=True, name="probe")]
+    else:
+        fuzzer = Fuzzer(opts, tally, stop)
+        threads = [threading.Thread(target=fuzzer.run_worker, args=(i,), daemon=True, name=f"fuzz-{i}")
+                   for i in range(opts.workers)]
     threads.append(threading.Thread(target=canary.run_loop, daemon=True, name="canary"))
     threads.append(threading.Thread(target=watch.run, args=(stop,), daemon=True, name="rss"))
     started = time.monotonic()
@@ -168,6 +179,11 @@ def run(opts: Options) -> dict[str, Any]:
         "broker_alive": alive,
     }
     summary["passed"] = alive and tally.canary_failed == 0 and tally.canary_ok > 0
+    if attack is not None:
+        summary["attack"] = opts.attack
+        summary["attack_conns"] = opts.conns
+        summary.update(attack_summary(attack.tally))
+        summary["passed"] = summary["passed"] and summary["legit_connects_over_1s_or_failed"] == 0
     return summary
 
 
@@ -191,6 +207,8 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"max {mib(s['rss_max_bytes'])}")
     else:
         lines.append("broker RSS: not measured (pass --pid)")
+    if "attack" in s:
+        lines += format_attack(s["attack"], s["attack_conns"], s)
     lines.append(f"broker: {'alive' if s['broker_alive'] else 'DEAD or unreachable'}")
     lines.append(f"result: {'PASS' if s['passed'] else 'FAIL'}")
     return "\n".join(lines)
@@ -209,12 +227,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--api-key", default=os.environ.get("TQ_API_KEY"), help="API key (env TQ_API_KEY)")
     p.add_argument("--tls", action="store_true", help="talk TLS to the broker")
     p.add_argument("--ca-file", default=os.environ.get("TQ_TLS_CA"), help="CA bundle for --tls (env TQ_TLS_CA)")
+    p.add_argument("--attack", choices=ATTACKS, help="a connection-level attack instead of frame fuzzing")
+    p.add_argument("--conns", type=int, default=400, help="attacker connections kept open (--attack)")
+    p.add_argument("--interval", type=float, default=20.0, help="slowloris: seconds between one connection's bytes")
     p.add_argument("--json", dest="json_path", help="also write the summary as JSON to this file")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     return Options(a.host, a.port, a.seconds, a.pid, seed, a.workers, a.stall_conns, a.max_frame_bytes,
-                   a.api_key, a.tls or bool(a.ca_file), a.ca_file, a.json_path, a.quiet)
+                   a.api_key, a.tls or bool(a.ca_file), a.ca_file, a.json_path, a.quiet, a.attack, a.conns,
+                   a.interval)
 
 
 def main(argv: list[str] | None = None) -> int:

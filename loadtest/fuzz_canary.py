@@ -19,6 +19,7 @@ from transport.client import Client
 from transport.errors import BrokerError, ClientError
 
 SLOW_CANARY_S = 5.0
+HEARTBEAT_EVERY_S = 5.0  # well under the broker's default 15 s heartbeat interval
 
 
 class Canary:
@@ -48,11 +49,15 @@ class Canary:
         rounds = [self.round_trip] * 6 + [self.priority_batch, self.fail_and_cancel, self.stats,
                                           self.abandoned_claim]
         n = 0
+        beat_at = 0.0
         while not self.stop.is_set():
             check = rounds[n % len(rounds)]
             n += 1
             started = time.monotonic()
             try:
+                if started >= beat_at:  # a worker silent for 2 x heartbeat is declared dead, its tasks reclaimed
+                    self._client().heartbeat(self.worker, [])
+                    beat_at = started + HEARTBEAT_EVERY_S
                 problem = check(self._client())
             except (BrokerError, ClientError) as exc:
                 problem = f"{check.__name__}: {type(exc).__name__}: {exc}"

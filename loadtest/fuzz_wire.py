@@ -53,6 +53,9 @@ class Options:
     ca_file: str | None
     json_path: str | None
     quiet: bool
+    attack: str | None = None  # a connection-level attack of loadtest.fuzz_hostile instead of frame fuzzing
+    conns: int = 400  # attacker connections kept open (--attack)
+    interval: float = 20.0  # slowloris: seconds between the bytes of one connection
 
 
 # ------------------------------------------------------------------ shared tallies

@@ -147,7 +147,8 @@ def test_a_query_running_past_query_timeout_secs_is_cancelled_while_the_broker_k
     client = sql_broker.client(timeout=30.0)
     slow = "SELECT count(*) FROM range(100000000) a, range(100000000) b"
     started = time.monotonic()
-    pending = [client.send_async(m.Query(id=0, sql=slow)) for _ in range(3)]  # more than the reader threads
+    # more than the reader threads; one per connection (api.max_queries_per_connection, one running each)
+    pending = [sql_broker.client(timeout=30.0).send_async(m.Query(id=0, sql=slow)) for _ in range(3)]
     stats_started = time.monotonic()
     client.stats()
     assert time.monotonic() - stats_started < 0.5, "a running QUERY held up STATS"

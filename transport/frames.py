@@ -3,7 +3,10 @@
 `FrameReader` is incremental: feed it whatever one `recv()` returned and it hands back every complete
 frame in it, so a connection decodes all frames of one read at once (the batching DESIGN.md measured).
 It never buffers more than one frame of at most `max_frame_bytes`: a larger announced length is
-reported at once, before its body is read.
+reported at once, before its body is read. The first frame of a stream may have a lower limit
+(`first_frame_limit`: before authentication only a HELLO is allowed), and `partial_length` exposes the
+announced length of a frame as soon as its header is in, so the caller can reserve memory for the body
+before reading it (see `transport.budget`).
 """
 
 from __future__ import annotations
@@ -66,11 +69,21 @@ def encode_raw_frame(type_byte: int, payload: bytes) -> bytes:
 class FrameReader:
     """Splits a byte stream into `(type_byte, payload)` frames."""
 
-    __slots__ = ("_buf", "max_frame_bytes")
+    __slots__ = ("_buf", "_limit", "_first_limit_code", "max_frame_bytes")
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    SHRINK_BYTES = 1 << 20  # an emptied buffer that had grown past this is replaced, so its memory is freed
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, first_frame_limit: int | None = None,
+                 first_frame_limit_error: tuple[str, str] | None = None) -> None:
+        """`first_frame_limit` (if given) bounds the first frame only; later frames get `max_frame_bytes`.
+
+        `first_frame_limit_error` is the (code, message) a too-large first frame is refused with; the
+        message may use `{length}` and `{limit}`.
+        """
         self._buf = bytearray()
         self.max_frame_bytes = max_frame_bytes
+        self._limit = max_frame_bytes if first_frame_limit is None else min(first_frame_limit, max_frame_bytes)
+        self._first_limit_code = first_frame_limit_error
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Every complete frame now buffered; raises FrameError on a framing violation.
@@ -87,18 +100,27 @@ class FrameReader:
             (length,) = LENGTH.unpack_from(buf, pos)
             if length == 0:
                 self._fail(frames, pos, ErrorCode.BAD_FRAME, "frame length 0: a frame holds at least its type byte")
-            if length > self.max_frame_bytes:
-                self._fail(
-                    frames, pos, ErrorCode.FRAME_TOO_LARGE,
-                    f"frame of {length} bytes is over the limit of {self.max_frame_bytes} (broker.max_frame_bytes)",
-                )
+            if length > self._limit:
+                self._too_large(frames, pos, length)
             if end - pos - 4 < length:
                 break
             frames.append((buf[pos + 4], bytes(buf[pos + 5 : pos + 4 + length])))
             pos += 4 + length
+            self._limit = self.max_frame_bytes
         if pos:
             del buf[:pos]
+            if not buf and buf.__alloc__() > self.SHRINK_BYTES:
+                self._buf = bytearray()
         return frames
+
+    def _too_large(self, frames: list[tuple[int, bytes]], pos: int, length: int) -> None:
+        if self._limit < self.max_frame_bytes and self._first_limit_code is not None:
+            code, text = self._first_limit_code
+            self._fail(frames, pos, code, text.format(length=length, limit=self._limit))
+        self._fail(
+            frames, pos, ErrorCode.FRAME_TOO_LARGE,
+            f"frame of {length} bytes is over the limit of {self._limit} (broker.max_frame_bytes)",
+        )
 
     def _fail(self, frames: list[tuple[int, bytes]], pos: int, code: str, message: str) -> None:
         del self._buf[:]
@@ -110,6 +132,18 @@ class FrameReader:
     def buffered(self) -> int:
         """Bytes of an incomplete frame held so far."""
         return len(self._buf)
+
+    @property
+    def partial_length(self) -> int:
+        """Bytes the incomplete frame at the head of the buffer needs in all (its 4-byte length field
+        included), once its header is in; 0 while fewer than 4 bytes are buffered.
+
+        Only meaningful right after `feed` returned: the buffer then holds at most one incomplete frame.
+        """
+        buf = self._buf
+        if len(buf) < 4:
+            return 0
+        return 4 + LENGTH.unpack_from(buf, 0)[0]
 
 
 def payload_id(payload: bytes) -> int:

@@ -1,8 +1,9 @@
 """The TCP listener: a gevent StreamServer with a connection limit and a clear error for a busy port.
 
 It knows frames, not actors: each accepted socket is handed to `handle(sock, address)` in its own
-greenlet. One connection over `max_connections` is answered `ERROR{id: 0, TOO_MANY_CONNECTIONS}` and
-closed; the others are unaffected.
+greenlet. When `max_connections` are open, a newcomer first makes room by evicting the oldest tracked
+connection that says it is `evictable` (not yet authenticated; see `actors.connection`); only if none
+is, it is answered `ERROR{id: 0, TOO_MANY_CONNECTIONS}` and closed, and the others are unaffected.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from gevent.server import StreamServer
 
@@ -20,6 +21,17 @@ from transport.frames import encode_frame
 from transport.messages import Error, ErrorCode
 
 log = logging.getLogger("tqbroker.server")
+
+
+class ConnectionHandle(Protocol):
+    """What the server needs of a connection to make room for a newcomer."""
+
+    @property
+    def evictable(self) -> bool:
+        """Whether this connection may be closed to let a new one in (it has not proven itself yet)."""
+
+    def evict(self, reason: str) -> None:
+        """Closes the connection now, telling the peer `reason`; it leaves `untrack` on its way out."""
 
 
 class ListenError(Exception):
@@ -36,6 +48,8 @@ class TcpServer:
         self._handle = handle
         self.max_connections = max_connections
         self.connections = 0
+        self._tracked: dict[ConnectionHandle, None] = {}  # insertion order = oldest first
+        self._evicted: set[ConnectionHandle] = set()  # closed for room but not gone yet
         self.ssl_context = ssl_context
         self.handshake_timeout_s = handshake_timeout_s
         # TLS is wrapped in _accept, not by StreamServer: the handshake then counts against the limit,
@@ -63,8 +77,30 @@ class TcpServer:
         """Closes the listening socket; open connections carry on until they are closed."""
         self._server.close()
 
+    def track(self, handle: ConnectionHandle) -> None:
+        """Registers an open connection as a candidate for eviction (see `ConnectionHandle`)."""
+        self._tracked[handle] = None
+
+    def untrack(self, handle: ConnectionHandle) -> None:
+        """Forgets a connection; call it last, right before the handler returns."""
+        self._tracked.pop(handle, None)
+        self._evicted.discard(handle)
+
+    def _make_room(self) -> bool:
+        """Whether a newcomer may be admitted, evicting the oldest evictable connection if needed."""
+        if self.connections - len(self._evicted) < self.max_connections:
+            return True
+        for handle in self._tracked:
+            if handle.evictable:
+                del self._tracked[handle]
+                self._evicted.add(handle)
+                handle.evict(f"closed to make room for a new connection: broker.max_connections "
+                             f"({self.max_connections}) are open")
+                return True
+        return False
+
     def _accept(self, sock: socket.socket, address: Any) -> None:
-        if self.connections >= self.max_connections:
+        if not self._make_room():
             try:
                 sock.sendall(encode_frame(Error(
                     id=0, code=ErrorCode.TOO_MANY_CONNECTIONS,
