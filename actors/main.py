@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 import gevent
 import gevent.event
@@ -90,12 +91,12 @@ def run_broker(settings: Settings) -> int:
     return 0
 
 
-def _offline_query(sql: str) -> tuple[list[str], list[list[object]]]:
+def _offline_query(sql: str) -> Any:
     """`sql` with the broker stopped: open the DuckDB file read-only in a database process of our own
     (a real thread there can be interrupted at api.query_timeout_secs; a patched one here could not)."""
     from pathlib import Path
 
-    from actors.system import DB_FILE
+    from actors.system import DB_FILE, QUERY_REPLY_HEADROOM
     from storage.db_process import DatabaseProcess
 
     settings = load_settings()
@@ -104,6 +105,7 @@ def _offline_query(sql: str) -> tuple[list[str], list[list[object]]]:
         raise FileNotFoundError(f"no history database at {path} (persistence.data_dir)")
     db = DatabaseProcess(path, read_only=True)
     try:
-        return db.history.query(sql, timeout=settings.api.query_timeout_secs)
+        return db.history.query_result(sql, settings.api.query_timeout_secs,
+                                       settings.broker.max_frame_bytes - QUERY_REPLY_HEADROOM)
     finally:
         db.close()

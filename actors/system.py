@@ -37,6 +37,7 @@ from transport.server import ListenError, TcpServer
 log = logging.getLogger("tqbroker")
 
 DB_FILE = "tqbroker.duckdb"
+QUERY_REPLY_HEADROOM = 64 * 1024  # frame bytes of a ROWS reply beyond its rows and columns (id, keys, slack)
 REPLAY_SNAPSHOT_THRESHOLD = 10_000  # WAL records replayed at start-up that call for a snapshot at once
 FINAL_SNAPSHOT_TIMEOUT_S = 10.0  # a million tasks take ~4-5 s; past this the stop goes on (the WAL has it all)
 
@@ -162,9 +163,11 @@ class BrokerSystem:
             details["error"] = f"disk full: {wal.directory} has {wal.free_bytes()} bytes free"
         return self.ready and wal_ok, details
 
-    def _run_query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
+    def _run_query(self, sql: str) -> Any:
+        """A QueryResult whose rows fit one reply frame (QUERY_REPLY_HEADROOM left for the rest)."""
         assert self.history is not None
-        return self.history.query(sql, timeout=self.settings.api.query_timeout_secs)
+        return self.history.query_result(sql, self.settings.api.query_timeout_secs,
+                                         self.settings.broker.max_frame_bytes - QUERY_REPLY_HEADROOM)
 
     def stop(self) -> bool:
         """Graceful stop; every step is bounded so the process exits within a few seconds.

@@ -144,6 +144,7 @@ class Database:
             self._conn = duckdb.connect(str(path), read_only=read_only, config=self._config)
         except duckdb.Error as exc:
             raise StorageError(_open_error_message(self.path, exc)) from None
+        _utc(self._conn)
         self._read_root = self._conn.cursor()  # cursors for reads are made from this, never used itself
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
         self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="duckdb-reader")
@@ -177,6 +178,7 @@ class Database:
             with contextlib.suppress(duckdb.Error):
                 _close_connections(self._read_root, self._conn)
             self._conn = duckdb.connect(str(self.path), read_only=self.read_only, config=self._config)
+            _utc(self._conn)
             self._read_root = self._conn.cursor()
 
         try:
@@ -227,6 +229,14 @@ class Database:
         finally:
             self._writer.shutdown(wait=False)
             self._readers.shutdown(wait=False)
+
+
+def _utc(conn: duckdb.DuckDBPyConnection) -> None:
+    """Every connection and cursor of this database computes in UTC: task_history's TIMESTAMPs are UTC,
+    so `finished_at > now() - INTERVAL 1 HOUR` is right whatever the process's TZ. (A `TimeZone` key in
+    the connect config would need the icu extension autoloaded, which disabled external access forbids;
+    SET GLOBAL after connecting works.)"""
+    conn.execute("SET GLOBAL TimeZone = 'UTC'")
 
 
 def fetch_one(

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 60.0  # opening and migrating a big file takes a while; a hung start must still end
 CLOSE_TIMEOUT_S = 10.0
 REPLY_MARGIN_S = 30.0  # a read's own timeout runs in the process; this bounds a process that hangs
+DEFAULT_QUERY_MAX_BYTES = 16 * 1024 * 1024 - 64 * 1024  # storage.history's default (no duckdb import here)
 PIPE_BYTES = 1 << 20  # see _widen_pipe
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 DECODE_SLICE = 20_000  # tasks decoded per step when loading a snapshot, between yields to the hub
@@ -253,8 +254,10 @@ class HistoryClient:
         result = self.query_result(sql, timeout)
         return result.columns, result.rows
 
-    def query_result(self, sql: str, timeout: float) -> QueryResult:
-        columns, rows, truncated = self._process.call("query", sql, timeout, timeout=timeout + REPLY_MARGIN_S)
+    def query_result(self, sql: str, timeout: float, max_bytes: int = DEFAULT_QUERY_MAX_BYTES) -> QueryResult:
+        """Rows stop before `max_bytes` of msgpack (see storage.query); `truncated` says so."""
+        columns, rows, truncated = self._process.call("query", sql, timeout, max_bytes,
+                                                      timeout=timeout + REPLY_MARGIN_S)
         return QueryResult(columns, rows, truncated)
 
     def delete_older_than(self, cutoff: float) -> int:

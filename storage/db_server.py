@@ -33,7 +33,7 @@ import msgspec
 from storage import db_wire
 from storage.database import Database
 from storage.errors import StorageError
-from storage.history import TaskHistory
+from storage.history import DEFAULT_QUERY_MAX_BYTES, TaskHistory
 from storage.model import Counters, Task
 from storage.snapshots import SnapshotStore
 
@@ -99,8 +99,8 @@ class DatabaseServer:
         task = self.history.get(task_id)
         return None if task is None else msgspec.msgpack.encode(task)
 
-    def _query(self, sql: str, timeout: float) -> list[Any]:
-        result = self.history.query_result(sql, timeout)
+    def _query(self, sql: str, timeout: float, max_bytes: int = DEFAULT_QUERY_MAX_BYTES) -> list[Any]:
+        result = self.history.query_result(sql, timeout, max_bytes)
         return [result.columns, result.rows, result.truncated]
 
     def _snapshot_write(self, counter_values: list[int], wal_segment: int, blob: bytearray) -> int:

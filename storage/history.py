@@ -8,26 +8,25 @@ greenlet for 0.3 s. DuckDB 2.0's appender into a TEMP staging table followed by 
 never waiting more than 9 ms. So rows go through the appender; the staging table also gives
 `append_dedup` its anti-join for free.
 
-Reading: `query` runs exactly one SELECT (checked with DuckDB's own parser) inside a READ ONLY
-transaction on a connection with external access disabled, so even a statement that fools the
-check can neither write the database nor touch other files. At most QUERY_MAX_ROWS rows come back.
+Reading: `query` runs exactly one SELECT over task_history (checked on DuckDB's own parse tree, see
+storage.query) inside a READ ONLY transaction on a connection with external access disabled, so even
+a statement that fools the check can neither write the database nor touch other files. The reply is
+bounded in rows (QUERY_MAX_ROWS) and bytes.
 """
 
 from __future__ import annotations
 
-import datetime
-import decimal
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import duckdb
 
 from storage.database import Database, fetch_one, transaction
-from storage.errors import QueryRefused, QueryResult
+from storage.errors import QueryResult
 from storage.model import Task
+from storage.query import QUERY_MAX_ROWS, run_query
 
-QUERY_MAX_ROWS = 10_000
+DEFAULT_QUERY_MAX_BYTES = 16 * 1024 * 1024 - 64 * 1024  # the default frame limit less room for the header
 
 HISTORY_COLUMNS_DOC: list[tuple[str, str, str]] = [
     ("task_id", "VARCHAR", "the task's id (as returned by SUBMIT)"),
@@ -101,12 +100,13 @@ class TaskHistory:
         result = self.query_result(sql, timeout)
         return result.columns, result.rows
 
-    def query_result(self, sql: str, timeout: float) -> QueryResult:
-        """`query`, also telling whether rows were cut at QUERY_MAX_ROWS.
+    def query_result(self, sql: str, timeout: float, max_bytes: int = DEFAULT_QUERY_MAX_BYTES) -> QueryResult:
+        """`query`, also telling whether rows were left out (QUERY_MAX_ROWS, or `max_bytes` of msgpack).
 
-        Raises QueryRefused (not one SELECT, or DuckDB rejected it) or QueryTimeout.
+        Raises QueryRefused (not one allowed SELECT, or DuckDB rejected it; see storage.query) or
+        QueryTimeout.
         """
-        return self._db.run_read(_run_query, sql, timeout=timeout)
+        return self._db.run_read(run_query, sql, max_bytes, timeout=timeout)
 
     def delete_older_than(self, cutoff: float) -> int:
         """Deletes rows whose finished_at is before `cutoff` (unix seconds); returns how many."""
@@ -172,71 +172,6 @@ def _execute(conn: duckdb.DuckDBPyConnection, sql: str) -> None:
 def _count(cursor: duckdb.DuckDBPyConnection) -> int:
     row = fetch_one(cursor, "SELECT count(*) FROM task_history")
     return int(row[0]) if row else 0
-
-
-def _run_query(cursor: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
-    _check_read_only(cursor, sql)
-    try:
-        cursor.execute("BEGIN TRANSACTION READ ONLY")
-        cursor.execute(sql)
-        columns = [d[0] for d in cursor.description or []]
-        rows = cursor.fetchmany(QUERY_MAX_ROWS + 1)
-    except duckdb.InterruptException:
-        raise
-    except duckdb.Error as exc:
-        raise QueryRefused(str(exc).strip()) from None
-    truncated = len(rows) > QUERY_MAX_ROWS
-    return QueryResult(columns, [[_plain(v) for v in row] for row in rows[:QUERY_MAX_ROWS]], truncated)
-
-
-def _check_read_only(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Exactly one statement, and DuckDB's parser must call it a SELECT (WITH...SELECT included)."""
-    try:
-        statements = cursor.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise QueryRefused(str(exc).strip()) from None
-    if len(statements) != 1:
-        raise QueryRefused(f"QUERY takes exactly one SELECT statement, got {len(statements)} statements")
-    kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
-        raise QueryRefused(f"QUERY is read-only: only SELECT is allowed, got {kind.name}")
-
-
-def _iso(value: datetime.date | datetime.time) -> str:
-    return value.isoformat()
-
-
-_CONVERTERS: dict[type, Callable[[Any], Any]] = {
-    datetime.datetime: _iso,
-    datetime.date: _iso,
-    datetime.time: _iso,
-    datetime.timedelta: lambda v: v.total_seconds(),
-    decimal.Decimal: float,
-    uuid.UUID: str,
-    bytearray: bytes,
-    memoryview: bytes,
-}
-
-
-def _plain(value: Any) -> Any:
-    """Makes a DuckDB result value msgpack-friendly: ISO strings for times, float for DECIMAL and
-    INTERVAL (seconds), str for UUID and out-of-range integers, lists/dicts recursively."""
-    if value is None or isinstance(value, str | bytes | bool | float):
-        return value
-    if isinstance(value, int):
-        return value if -(2**63) <= value < 2**64 else str(value)
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {_plain_key(k): _plain(v) for k, v in value.items()}
-    converter = _CONVERTERS.get(type(value))
-    return converter(value) if converter is not None else str(value)
-
-
-def _plain_key(key: Any) -> Any:
-    """A MAP key: as `_plain`, but a list (unhashable) becomes its string form."""
-    plain = _plain(key)
-    return str(key) if isinstance(plain, list) else plain
 
 
 __all__ = ["HISTORY_COLUMNS_DOC", "QUERY_MAX_ROWS", "QueryResult", "TaskHistory"]

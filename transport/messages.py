@@ -293,6 +293,7 @@ class Rows(Message, frozen=True):
     id: int
     columns: list[str]
     rows: list[list[Any]]
+    truncated: bool = False  # v1.1: rows were left out (row cap or frame size); docs/protocol.md
 
 
 class Error(Message, frozen=True):
