@@ -31,9 +31,10 @@ class HistoryWritten(Struct, gc=False):
 class HistoryLink:
     def __init__(
         self, history: Any, notify: Callable[[object], None] | None = None,
-        flush_interval_s: float = 0.25, max_batch: int = 20_000,
+        flush_interval_s: float = 0.25, max_batch: int = 20_000, lookup_timeout_s: float | None = None,
     ) -> None:
         self.history = history
+        self.lookup_timeout_s = lookup_timeout_s  # a history read past this answers UNAVAILABLE
         self.notify = notify
         self.flush_interval_s = flush_interval_s
         self.max_batch = max_batch
@@ -88,19 +89,23 @@ class HistoryLink:
         if msg.error is not None:
             log.error("writing %d tasks to task_history failed, will retry: %s", len(msg.task_ids), msg.error)
 
-    def lookup(self, task_id: str, callback: Callable[[Task | None], None]) -> None:
-        """Finds a finished task in the buffer or in DuckDB (off the actor), then calls back."""
+    def lookup(self, task_id: str, callback: Callable[[Task | None, str | None], None]) -> None:
+        """Finds a finished task in the buffer or in DuckDB (off the actor), then calls back with
+        `(task, None)`, `(None, None)` when history has no such row, or `(None, error)` when history
+        could not be read (the process died, stalled past its reply bound, or hit a bad block): then
+        nobody knows whether the task exists."""
         task = self.pending(task_id)
         if task is not None or self.history is None:
-            callback(task)
+            callback(task, None)
             return
 
         def find() -> None:
             try:
-                found = self.history.get(task_id)
+                found = self.history.get(task_id, timeout=self.lookup_timeout_s)
             except Exception as exc:
                 log.error("task_history lookup of %s failed: %s", task_id, exc)
-                found = None
-            callback(found)
+                callback(None, str(getattr(exc, "message", None) or exc))
+                return
+            callback(found, None)
 
         gevent.spawn(find)

@@ -290,7 +290,8 @@ class QueueActor(HubActor):
         return Ok(id=req.id)
 
     def _answer_unknown(self, request_id: int, task_id: str, reply_to: Any, code: str | None, message: str) -> None:
-        """A task not in memory: finished long ago (history answers) or never known (NOT_FOUND).
+        """A task not in memory: finished long ago (history answers), never known (NOT_FOUND), or
+        unknowable right now (history could not be read: UNAVAILABLE, never NOT_FOUND).
 
         `code` is the error for a finished task; None means answer with its status.
         """
@@ -299,12 +300,16 @@ class QueueActor(HubActor):
             self._reply(reply_to, finished_answer(request_id, finished, code, message))
             return
 
-        def answer(task: Task | None) -> Message:
+        def answer(task: Task | None, failure: str | None) -> Message:
+            if failure is not None:
+                return Error(id=request_id, code=ErrorCode.UNAVAILABLE,
+                             message=f"task {task_id} is not live and task history cannot be read right now "
+                                     f"({failure}); retry in a few seconds")
             if task is None:
                 return Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}")
             return finished_answer(request_id, task, code, message)
 
-        self.history.lookup(task_id, lambda task: send_outbox({"": (reply_to, [answer(task)])}))
+        self.history.lookup(task_id, lambda task, failure: send_outbox({"": (reply_to, [answer(task, failure)])}))
 
     # ------------------------------------------------------------ leases and workers
 

@@ -103,7 +103,7 @@ class BrokerSystem:
         self.history = self.db.history
         snapshots = self.db.snapshots
         state = recover(self.data_dir, snapshots)
-        history_link = HistoryLink(self.history)
+        history_link = HistoryLink(self.history, lookup_timeout_s=s.api.query_timeout_secs)
         if state.finished:
             try:
                 self.history.append_dedup(state.finished)

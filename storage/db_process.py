@@ -246,8 +246,10 @@ class HistoryClient:
         if tasks:
             self._process.call("append_dedup", msgspec.msgpack.encode(list(tasks)))
 
-    def get(self, task_id: str) -> Task | None:
-        blob = self._process.call("get", task_id, timeout=REPLY_MARGIN_S)
+    def get(self, task_id: str, timeout: float | None = None) -> Task | None:
+        """The finished task or None; StorageError when no answer came within `timeout` (default
+        REPLY_MARGIN_S) or the process failed."""
+        blob = self._process.call("get", task_id, timeout=timeout or REPLY_MARGIN_S)
         return None if blob is None else _TASK.decode(blob)
 
     def query(self, sql: str, timeout: float) -> tuple[list[str], list[list[Any]]]:

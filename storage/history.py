@@ -91,9 +91,9 @@ class TaskHistory:
         if tasks:
             self._db.run_write(_insert_tasks, tasks, True)
 
-    def get(self, task_id: str) -> Task | None:
+    def get(self, task_id: str, timeout: float | None = None) -> Task | None:
         """The finished task, or None. `payload` is b"" and `lease_ms` 0: history does not keep them."""
-        return self._db.run_read(_get_task, task_id)
+        return self._db.run_read(_get_task, task_id, timeout=timeout)
 
     def query(self, sql: str, timeout: float) -> tuple[list[str], list[list[Any]]]:
         """Runs one read-only SELECT; returns (columns, rows), at most QUERY_MAX_ROWS rows."""

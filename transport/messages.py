@@ -339,3 +339,4 @@ class ErrorCode:
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"  # v1.1: history cannot be read right now; retry (docs/protocol.md)
