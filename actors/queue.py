@@ -89,6 +89,8 @@ class QueueActor(HubActor):
         self.settings = settings
         self.max_batch_claim = b.max_batch_claim
         self.depth_threshold = b.queue_depth_threshold
+        self.max_pending_bytes = b.max_pending_bytes
+        self.payload_bytes = 0  # sum of len(payload) over live tasks (pending, scheduled, running)
         self.default_max_retries = b.default_max_retries
         self.default_lease_ms = int(b.worker_lease_timeout_secs * 1000)
         self.backoff = (b.retry_backoff_base_ms, b.retry_backoff_max_ms)
@@ -127,6 +129,7 @@ class QueueActor(HubActor):
             if n % 10_000 == 0:
                 gevent.sleep(0)  # keep /healthz answering while a large queue is rebuilt
             self.index.tasks[task.task_id] = task
+            self.payload_bytes += len(task.payload)
             self.index.enter(task)
             self.index.add_unique(task)
             self.ready_seq = max(self.ready_seq, task.ready_seq)
@@ -179,13 +182,19 @@ class QueueActor(HubActor):
 
     # ------------------------------------------------------------ submit
 
-    def _admit(self, request_id: int) -> Error | None:
+    def _admit(self, request_id: int, payload_bytes: int) -> Error | None:
+        """QUEUE_FULL when the queue is at its depth threshold, or when `payload_bytes` more would take
+        the live payloads past broker.max_pending_bytes; a batch is admitted whole or not at all."""
+        message = None
         if self.index.pending_total + self.index.scheduled_total >= self.depth_threshold:
-            self.metrics.backpressure.inc()
-            return Error(id=request_id, code=ErrorCode.QUEUE_FULL,
-                         message=f"queue depth reached broker.queue_depth_threshold ({self.depth_threshold}); "
-                                 "retry later")
-        return None
+            message = f"queue depth reached broker.queue_depth_threshold ({self.depth_threshold}); retry later"
+        elif self.payload_bytes + payload_bytes > self.max_pending_bytes:
+            message = (f"payloads of live tasks would pass broker.max_pending_bytes ({self.max_pending_bytes}): "
+                       f"{self.payload_bytes} held, {payload_bytes} more asked; retry once workers catch up")
+        if message is None:
+            return None
+        self.metrics.backpressure.inc()
+        return Error(id=request_id, code=ErrorCode.QUEUE_FULL, message=message)
 
     def _submit_one(self, spec: Any, now: float) -> tuple[str, bool]:
         if spec.unique_key is not None:
@@ -196,6 +205,7 @@ class QueueActor(HubActor):
         record = states.new_task(spec, self.ids.next(), now, self.ready_seq, self.default_max_retries,
                                  self.default_lease_ms)
         apply_record(record, self.index.tasks, self.counters)
+        self.payload_bytes += len(record.task.payload)
         self.index.enter(record.task)
         self.index.add_unique(record.task)
         self._records.append(record)
@@ -210,14 +220,14 @@ class QueueActor(HubActor):
             existing = self.index.unique.get((spec.queue, spec.unique_key))
             if existing is not None:
                 return Submitted(id=req.id, task_id=existing, duplicate=True)
-        refusal = self._admit(req.id)
+        refusal = self._admit(req.id, len(spec.payload))
         if refusal is not None:
             return refusal
         task_id, duplicate = self._submit_one(req.task, now)
         return Submitted(id=req.id, task_id=task_id, duplicate=duplicate)
 
     def _on_submit_batch(self, req: SubmitBatch, reply_to: Any, now: float) -> Message:
-        refusal = self._admit(req.id)
+        refusal = self._admit(req.id, sum(len(spec.payload) for spec in req.tasks))
         if refusal is not None:
             return refusal
         return SubmittedBatch(id=req.id, task_ids=[self._submit_one(spec, now)[0] for spec in req.tasks])
@@ -383,6 +393,7 @@ class QueueActor(HubActor):
         tiers, per_queue = queue_gauges(idx)
         self.metrics.set_queue_gauges(idx.pending_total, idx.running_total, idx.scheduled_total, tiers,
                                       per_queue, self.history.backlog)
+        self.metrics.pending_payload_bytes.set(self.payload_bytes)
 
     def _on_fill_stats(self, msg: FillStats) -> None:
         stats = stats_info(self.index, self.counters, msg.workers_alive, msg.connections, time.time() - self.started)
@@ -437,6 +448,7 @@ class QueueActor(HubActor):
 
     def _finished(self, task: Task) -> None:
         self.index.forget(task)
+        self.payload_bytes -= len(task.payload)
         self.metrics.count_finished(task.queue, task.state)
         self.recent[task.task_id] = task
         if len(self.recent) > RECENT_FINISHED:
