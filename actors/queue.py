@@ -406,15 +406,14 @@ class QueueActor(HubActor):
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
         """A consistent image: the WAL rotates first, so the image covers every earlier segment."""
         segment = self.wal.rotate() if self.wal is not None else 0
-        tasks = list(self.index.tasks.values())
-        return SnapshotData(
-            tasks_blob=msgspec.msgpack.encode(tasks), task_count=len(tasks),
-            counters=msgspec.structs.replace(self.counters), wal_segment=segment,
-            finished=self.history.take_unflushed(),
-        )
+        copy = msgspec.structs.replace
+        batch_id, finished = self.history.take_unflushed()
+        return SnapshotData(tasks=[copy(t) for t in self.index.tasks.values()], counters=copy(self.counters),
+                            wal_segment=segment, finished_batch=batch_id, finished=finished)
 
     def _on_snapshot_taken(self, msg: SnapshotTaken) -> None:
-        self.history.written(HistoryWritten(task_ids=msg.finished_ids, error=msg.error))
+        if msg.finished_batch:
+            self.history.written(HistoryWritten(batch_id=msg.finished_batch, error=msg.error))
         if msg.error is None and self.wal is not None:
             self.wal.delete_segments_before(msg.wal_segment)
 

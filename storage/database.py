@@ -59,6 +59,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             started_at DOUBLE, finished_at DOUBLE, worker_id VARCHAR, lease_expires_at DOUBLE,
             result BLOB, error VARCHAR)""",
     ),
+    # History batches committed, by the id the broker gave them: a retried batch is written once.
+    2: ("CREATE TABLE history_batches (batch_id VARCHAR PRIMARY KEY, written_at DOUBLE, row_count INTEGER)",),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 

@@ -80,16 +80,19 @@ class TaskHistory:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def append(self, tasks: Sequence[Task]) -> None:
-        """Appends terminal tasks (one transaction); runs on the writer thread."""
+    def append(self, tasks: Sequence[Task], batch_id: str = "") -> None:
+        """Appends terminal tasks (one transaction); runs on the writer thread.
+
+        With a `batch_id`, the id is recorded in history_batches in the same transaction, and a batch
+        whose id is already there is not written again (a retry after a lost reply)."""
         if tasks:
-            self._db.run_write(_insert_tasks, tasks, False)
+            self._db.run_write(_insert_tasks, tasks, False, batch_id)
 
     def append_dedup(self, tasks: Sequence[Task]) -> None:
         """Like append, skipping task_ids already present: after a crash the WAL replays tasks whose
         history batch may already have been written."""
         if tasks:
-            self._db.run_write(_insert_tasks, tasks, True)
+            self._db.run_write(_insert_tasks, tasks, True, "")
 
     def get(self, task_id: str, timeout: float | None = None) -> Task | None:
         """The finished task, or None. `payload` is b"" and `lease_ms` 0: history does not keep them."""
@@ -123,7 +126,7 @@ class TaskHistory:
 # ---------------------------------------------------------------------- thread-side functions
 
 
-def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup: bool) -> None:
+def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup: bool, batch_id: str) -> None:
     rows = [
         (
             t.task_id, t.queue, t.kind, t.priority, t.state, t.attempts, t.max_retries, t.worker_id,
@@ -133,11 +136,15 @@ def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup:
     ]
     conn.execute(_CREATE_STAGING)
     with transaction(conn):
+        if batch_id and fetch_one(conn, "SELECT 1 FROM history_batches WHERE batch_id = $1", [batch_id]):
+            return  # committed before: the reply was lost, not the rows
         appender = conn.appender("history_staging")
         appender.append_rows(rows)
         appender.flush()
         conn.execute(_INSERT_DEDUP if dedup else _INSERT)
         conn.execute("DELETE FROM history_staging")
+        if batch_id:
+            conn.execute("INSERT INTO history_batches VALUES ($1, epoch(now()), $2)", [batch_id, len(rows)])
 
 
 def _get_task(cursor: duckdb.DuckDBPyConnection, task_id: str) -> Task | None:
@@ -161,6 +168,7 @@ def _seconds(micros: int | None) -> float | None:
 
 def _delete_before(conn: duckdb.DuckDBPyConnection, cutoff: float) -> int:
     sql = "DELETE FROM task_history WHERE finished_at < make_timestamp(CAST($1 * 1000000 AS BIGINT))"
+    conn.execute("DELETE FROM history_batches WHERE written_at < $1", [cutoff])  # retries come within minutes
     row = fetch_one(conn, sql, [cutoff])
     return int(row[0]) if row else 0
 

@@ -3,8 +3,10 @@
 A snapshot is the set of live tasks and the counters at one instant, plus `wal_segment`: replay
 starts at that segment (the queue actor rotates the WAL and copies its tasks in the same message,
 so every change before the copy is in lower segments and every change after it is in that segment
-or later). The newest snapshot replaces the older ones in one transaction: at any moment exactly
-one complete snapshot exists.
+or later). It is written in slices (`begin`, `append_slice` per slice, `commit`), so neither process
+ever holds more than one slice of it: slices are staged in snapshot_tasks under a new snapshot_id
+that nothing reads until `commit` adds its `snapshots` row and deletes the older snapshot in one
+transaction. At any moment exactly one complete snapshot exists.
 
 Speed (measured here, DuckDB 2.0, 100-byte payloads, see the module tests and README):
 - The caller hands over one `msgspec.msgpack.encode(list[Task])` blob (a consistent copy, made in
@@ -57,10 +59,26 @@ class SnapshotStore:
     def write(self, tasks_blob: bytes | bytearray, counters: Counters, wal_segment: int) -> int:
         """Stores the tasks in `tasks_blob` (msgpack of list[Task]) as the only snapshot; returns its id.
 
-        Runs on the writer thread; the older snapshot is deleted in the same transaction.
+        One slice: `begin`, `append_slice`, `commit`. The older snapshot goes only at the commit.
         """
+        snapshot_id = self.begin()
+        count = self.append_slice(snapshot_id, tasks_blob)
+        return self.commit(snapshot_id, counters, wal_segment, count)
+
+    def begin(self) -> int:
+        """A new snapshot id to stage slices under; rows of an abandoned staging (a snapshot that failed
+        half-way) are deleted. Staged rows are invisible to loading until `commit`."""
+        return self._db.run_write(_begin_snapshot)
+
+    def append_slice(self, snapshot_id: int, tasks_blob: bytes | bytearray) -> int:
+        """Stages the tasks of one msgpack list[Task] slice (one transaction); returns how many."""
+        return self._db.run_write(_append_slice, snapshot_id, tasks_blob)
+
+    def commit(self, snapshot_id: int, counters: Counters, wal_segment: int, task_count: int) -> int:
+        """Makes the staged snapshot the only one (one transaction), after checking it holds
+        `task_count` tasks; returns its id."""
         counter_values = [getattr(counters, name) for name in _COUNTER_FIELDS]
-        return self._db.run_write(_write_snapshot, tasks_blob, counter_values, wal_segment)
+        return self._db.run_write(_commit_snapshot, snapshot_id, counter_values, wal_segment, task_count)
 
     def load_latest(self) -> tuple[list[Task], Counters, int] | None:
         """(tasks, counters, wal_segment) of the newest snapshot, or None if there is none."""
@@ -72,17 +90,30 @@ class SnapshotStore:
         return self._db.run_read(_load_latest_blob)
 
 
-def _write_snapshot(
-    conn: duckdb.DuckDBPyConnection, blob: bytes, counter_values: list[int], wal_segment: int
-) -> int:
+def _begin_snapshot(conn: duckdb.DuckDBPyConnection) -> int:
+    with transaction(conn):
+        row = fetch_one(conn, "SELECT coalesce(max(snapshot_id), 0) FROM snapshots")
+        committed = int(row[0]) if row else 0
+        conn.execute("DELETE FROM snapshot_tasks WHERE snapshot_id > $1", [committed])
+    return committed + 1
+
+
+def _append_slice(conn: duckdb.DuckDBPyConnection, snapshot_id: int, blob: bytes | bytearray) -> int:
     raws = _RAW_LIST.decode(blob)
     with transaction(conn):
-        row = fetch_one(conn, "SELECT coalesce(max(snapshot_id), 0) + 1 FROM snapshots")
-        snapshot_id = int(row[0]) if row else 1
         _append_tasks(conn, snapshot_id, raws)
+    return len(raws)
+
+
+def _commit_snapshot(
+    conn: duckdb.DuckDBPyConnection, snapshot_id: int, counter_values: list[int], wal_segment: int, task_count: int
+) -> int:
+    with transaction(conn):
+        row = fetch_one(conn, "SELECT count(*) FROM snapshot_tasks WHERE snapshot_id = $1", [snapshot_id])
+        _check_count(snapshot_id, task_count, int(row[0]) if row else 0)
         conn.execute(
             _INSERT_SNAPSHOT,
-            [snapshot_id, SNAPSHOT_FORMAT_VERSION, time.time(), wal_segment, *counter_values, len(raws)],
+            [snapshot_id, SNAPSHOT_FORMAT_VERSION, time.time(), wal_segment, *counter_values, task_count],
         )
         conn.execute("DELETE FROM snapshot_tasks WHERE snapshot_id < $1", [snapshot_id])
         conn.execute("DELETE FROM snapshots WHERE snapshot_id < $1", [snapshot_id])

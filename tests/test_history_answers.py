@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from conftest import BrokerProcess
 from helpers import wait_for
 
 from actors.worker.sdk import TaskHandle
+from storage.db_process import DatabaseProcess
+from storage.model import Task
 from transport import messages as m
 from transport.client import Client
-from transport.errors import NotFound, Unavailable
+from transport.errors import BadRequest, NotFound, Unavailable
 
 
 def database_pid(broker: BrokerProcess) -> int:
@@ -48,8 +51,13 @@ def finish(client: Client, count: int, queue: str = "default") -> list[str]:
     return ids
 
 
-def history_count(client: Client) -> int:
-    return client.query("SELECT count(*) FROM task_history")[1][0][0]
+def history_count(client: Client) -> int | None:
+    """Rows in task_history; None when the query met a database process that was just killed."""
+    try:
+        return client.query("SELECT count(*) FROM task_history")[1][0][0]
+    except BadRequest as exc:
+        assert "database process" in exc.message
+        return None
 
 
 @pytest.fixture
@@ -103,3 +111,37 @@ def test_a_handles_result_keeps_waiting_through_unavailable(history_broker: Brok
     client.status = status_resuming_after_unavailable  # type: ignore[method-assign]
     assert TaskHandle(task_id, client).result(timeout=30) == "ok"
     assert len(seen) >= 1
+
+
+def test_a_history_batch_written_again_under_the_same_id_adds_no_rows(tmp_path: Path) -> None:
+    db = DatabaseProcess(tmp_path / "tqbroker.duckdb")
+    try:
+        tasks = [finished_task(n) for n in range(50)]
+        db.history.append(tasks, batch_id="run-1")
+        db.history.append(tasks, batch_id="run-1")  # the retry after a lost reply
+        assert db.history.count() == 50
+        db.history.append(tasks[:10], batch_id="run-2")  # another batch id is another batch
+        assert db.history.count() == 60
+    finally:
+        db.close()
+
+
+def test_killing_the_database_process_under_load_never_duplicates_history(
+        make_broker: Callable[..., BrokerProcess]) -> None:
+    broker = make_broker(TQ_PERSISTENCE__SNAPSHOT_INTERVAL_SECS="0.1")  # snapshots carry history batches too
+    client = broker.client()
+    completed: list[str] = []
+    for _round in range(12):
+        completed += finish(client, 100)
+        os.kill(database_pid(broker), signal.SIGKILL)  # mid-write or between writes: both must hold
+    wait_for(lambda: (history_count(client) or 0) >= len(completed), timeout=30)
+    rows = client.query("SELECT count(*), count(DISTINCT task_id) FROM task_history")[1]
+    assert rows == [[len(completed), len(completed)]]
+    assert client.status(completed[0]).state == "completed"
+
+
+def finished_task(n: int) -> Task:
+    now = time.time()
+    return Task(task_id=f"task-{n:06d}", queue="q", kind="k", payload=b"", priority=100, state="completed",
+                attempts=1, max_retries=3, lease_ms=1000, submitted_at=now - 2, run_at=now - 2, started_at=now - 1,
+                finished_at=now, worker_id="w1", result=b"done")
