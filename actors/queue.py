@@ -49,7 +49,7 @@ from actors.task_index import TaskIndex
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
-from storage.model import Counters, LeasesRenewed, Task, TaskState, WalRecord, apply_record
+from storage.model import Counters, LeasesRenewed, Task, TaskState, TaskSubmitted, WalRecord, apply_record
 from transport.messages import (
     Assigned,
     Assignment,
@@ -76,6 +76,13 @@ MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
 TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable within this of their run_at
 RECENT_FINISHED = 10_000
+RECORD_OVERHEAD_BYTES = 512  # WAL bytes of one record besides the payload, result and error it carries
+
+
+class _Stopped(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class QueueActor(HubActor):
@@ -109,6 +116,7 @@ class QueueActor(HubActor):
         self.recent: OrderedDict[str, Task] = OrderedDict()
         self.waiters = ClaimWaiters(self.index.has_pending, self._claim, self._reply)
         self.shutting_down = False
+        self.writes_stopped: str | None = None  # why: a WAL append failed with changes that cannot be undone
         self._records: list[WalRecord] = []
         self._outbox: Outbox = {}
         self._submitted: dict[str, int] = {}  # per queue, counted into the metric once per tick
@@ -152,7 +160,7 @@ class QueueActor(HubActor):
 
     def _on_requests(self, batch: QueueRequests) -> None:
         now = time.time()
-        refusal = self._refusal(batch.nbytes)
+        refusal = self._refusal(self._wal_estimate(batch.requests))
         for request in batch.requests:
             if refusal is not None and not isinstance(request, Status):
                 self._reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
@@ -161,24 +169,44 @@ class QueueActor(HubActor):
             if reply is not None:
                 self._reply(batch.reply_to, reply)
 
-    def _refusal(self, nbytes: int) -> tuple[str, str] | None:
-        """Why changes are refused right now (shutting down, or the WAL cannot take them); reads go on.
+    def _refusal(self, wal_bytes: int) -> tuple[str, str] | None:
+        """Why changes are refused right now (shutting down, writes stopped, or the WAL cannot take
+        `wal_bytes` more); reads go on.
 
-        The free-space check comes before any change is applied: a change refused for a full disk must
-        not stay applied in memory. (A disk filled by someone else between the check and the write can
-        still fail the append; then the acknowledgements become INTERNAL errors.)
+        The free-space check comes before any change is applied, against the bytes the change's WAL
+        records can take: a change refused for a full disk is never applied in memory. (A disk filled by
+        someone else between the check and the write can still fail the append: see `_commit`.)
         """
         if self.shutting_down:
             return ErrorCode.SHUTTING_DOWN, "broker is shutting down; retry against its replacement"
+        if self.writes_stopped is not None:
+            return ErrorCode.INTERNAL, self.writes_stopped
         if self.wal is None:
             return None
         if not (self.wal.healthy or self.wal.probe()):
             return ErrorCode.INTERNAL, writable_error(self.wal)
         free = self.wal.free_bytes()
-        if free < 2 * nbytes + WAL_HEADROOM_BYTES:
+        if free < 2 * wal_bytes + WAL_HEADROOM_BYTES:
             return ErrorCode.INTERNAL, (f"disk full: {self.wal.directory} has {free} bytes free; "
                                         "free space on that disk and retry")
         return None
+
+    def _wal_estimate(self, requests: list[Message]) -> int:
+        """An upper bound of the WAL bytes `requests` can add: a SUBMIT's record holds the whole task, a
+        RESULT's the result and error, a CLAIM writes one record per task it may take."""
+        total = 0
+        for r in requests:
+            if isinstance(r, Submit):
+                total += len(r.task.payload) + RECORD_OVERHEAD_BYTES
+            elif isinstance(r, SubmitBatch):
+                total += sum(len(spec.payload) + RECORD_OVERHEAD_BYTES for spec in r.tasks)
+            elif isinstance(r, Result):
+                total += len(r.result or b"") + 4 * len(r.error or "") + RECORD_OVERHEAD_BYTES
+            elif isinstance(r, Claim):
+                total += RECORD_OVERHEAD_BYTES * min(max(r.max_tasks, 1), self.max_batch_claim)
+            else:
+                total += RECORD_OVERHEAD_BYTES
+        return total
 
     # ------------------------------------------------------------ submit
 
@@ -466,17 +494,41 @@ class QueueActor(HubActor):
         """Writes this message's WAL records, then releases its replies once they are durable."""
         outbox, self._outbox = self._outbox, {}
         records, self._records = self._records, []
+        if records and self.wal is not None and self.writes_stopped is not None:
+            records = []  # memory may hold changes the WAL lacks: write nothing more until the restart
+            outbox = {k: (ref, [refuse(m, _Stopped(self.writes_stopped)) for m in msgs])
+                      for k, (ref, msgs) in outbox.items()}
         if records and self.wal is not None:
             try:
                 self.wal.append(records)
             except Exception as exc:  # WalError: refuse the acknowledgements, keep answering reads
                 log.error("WAL append failed: %s", getattr(exc, "message", exc))
+                self._undo_or_stop(records)
                 outbox = {k: (ref, [refuse(m, exc) for m in msgs]) for k, (ref, msgs) in outbox.items()}
                 send_outbox(outbox)
                 return
             self.wal.after_durable(lambda: send_outbox(outbox))
             return
         send_outbox(outbox)
+
+    def _undo_or_stop(self, records: list[WalRecord]) -> None:
+        """After a failed append, memory must not keep what the WAL lacks. New tasks alone (the usual
+        SUBMIT) are taken back out; any other change stops all writes until a restart, which recovers
+        exactly the acknowledged state from the WAL."""
+        if all(isinstance(r, TaskSubmitted) for r in records):
+            for record in reversed(records):
+                task = self.index.tasks.pop(record.task.task_id)
+                self.index.leave(task)
+                task.state = TaskState.CANCELLED  # its heap entries are stale from now on
+                self.index.forget(task)
+                self.counters.submitted_total -= 1
+                self.payload_bytes -= len(task.payload)
+                self._submitted[task.queue] = self._submitted.get(task.queue, 1) - 1
+            return
+        self.writes_stopped = ("a write-ahead log append failed after its changes were applied in memory; "
+                               "writes are refused until the broker restarts: restart it (free disk space "
+                               "first if the disk is full); nothing acknowledged is lost")
+        log.error("%s", self.writes_stopped)
 
     _request_handlers: dict[type, Any] = {
         Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,

@@ -6,18 +6,21 @@ Real brokers over real sockets with real DuckDB files (tests/conftest.py).
 
 from __future__ import annotations
 
+import itertools
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import BrokerProcess
 from helpers import wait_for
+from test_durability import mount_tmpfs, unmount
 
 from storage.db_process import SNAPSHOT_SLICE_TASKS, DatabaseProcess, _slices
 from storage.model import Counters, Task
 from transport import messages as m
-from transport.errors import QueueFull
+from transport.client import Client
+from transport.errors import InternalError, QueueFull
 
 KIB = 1024
 BUDGET = 1024 * KIB
@@ -121,3 +124,51 @@ def test_live_tasks_with_large_payloads_survive_a_snapshot_and_a_restart(make_br
 def _task(n: int, size: int, fill: int = 0) -> Task:
     return Task(task_id=f"t-{n:06d}", queue="q", kind="k", payload=bytes([fill % 256]) * size, priority=100,
                 state="pending", attempts=0, max_retries=3, lease_ms=1000, submitted_at=1.0, run_at=1.0, ready_seq=n)
+
+
+@pytest.fixture
+def inode_starved_dir(tmp_path: Path) -> Iterator[Path]:
+    """A data dir on a tmpfs with room for bytes but few inodes: a new WAL segment file cannot be made
+    although free space is plenty, so a WAL append fails after the free-space check passed."""
+    data_dir = tmp_path / "few-inodes"
+    data_dir.mkdir()
+    mount_tmpfs(data_dir, "size=64m,nr_inodes=64")
+    yield data_dir
+    unmount(data_dir)
+
+
+def test_a_submit_whose_wal_append_fails_leaves_no_live_task(inode_starved_dir: Path) -> None:
+    broker = BrokerProcess(inode_starved_dir, {"TQ_PERSISTENCE__WAL_SEGMENT_BYTES": "65536",
+                                               "TQ_PERSISTENCE__SNAPSHOT_INTERVAL_SECS": "3600"})
+    broker.log_path = inode_starved_dir.parent / "broker.log"
+    try:
+        client = broker.start().client()
+        client.stats()
+        for n in itertools.count():  # take every inode left
+            try:
+                (inode_starved_dir / f"inode-{n}").touch()
+            except OSError:
+                break
+        acked: list[str] = []
+        with pytest.raises(InternalError, match="No space left|disk full"):
+            for _ in range(100):  # 4 KiB each: a 64 KiB segment fills within 16
+                acked.append(client.submit("disk", b"d" * 4096).task_id)
+        stats = client.stats()
+        assert (stats.pending, stats.submitted_total) == (len(acked), len(acked))
+        for n in range(8):
+            (inode_starved_dir / f"inode-{n}").unlink()
+        claimed = wait_for(lambda: _claim_all(client))
+        assert sorted(claimed) == sorted(acked)
+    finally:
+        broker.stop()
+
+
+def _claim_all(client: Client) -> list[str] | None:
+    """Every pending task id, once the WAL takes writes again (None while it does not)."""
+    claimed: list[str] = []
+    try:
+        while batch := client.claim("w-disk", ["default"], max_tasks=10):
+            claimed += [a.task_id for a in batch]
+    except InternalError:
+        return None
+    return claimed
