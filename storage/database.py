@@ -61,6 +61,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # History batches committed, by the id the broker gave them: a retried batch is written once.
     2: ("CREATE TABLE history_batches (batch_id VARCHAR PRIMARY KEY, written_at DOUBLE, row_count INTEGER)",),
+    # Snapshots stored one table per slice (storage.snapshots); snapshot_tasks becomes a view over them.
+    3: ("ALTER TABLE snapshot_tasks RENAME TO snapshot_tasks_v1",
+        "CREATE VIEW snapshot_tasks AS SELECT * FROM snapshot_tasks_v1"),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 

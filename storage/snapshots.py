@@ -28,8 +28,11 @@ import msgspec
 from storage.database import Database, StorageError, fetch_one, transaction
 from storage.model import Counters, Task
 
-SNAPSHOT_FORMAT_VERSION = 1
-_READABLE_FORMATS = frozenset({1})
+SNAPSHOT_FORMAT_VERSION = 2  # 2: rows in per-slice tables behind the snapshot_tasks view; 1: in its table
+_READABLE_FORMATS = frozenset({1, 2})
+_SLICE_TABLE = "snapshot_slice_{}_{:06d}"
+_SLICE_TABLES = ("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' "
+                 "AND table_name LIKE 'snapshot_slice_%' ORDER BY table_name")
 _TASK_FIELDS: tuple[str, ...] = Task.__struct_fields__
 _COUNTER_FIELDS: tuple[str, ...] = Counters.__struct_fields__
 _SLICE_ROWS = 20_000  # decode+append this many tasks per step: bounds GIL hold time and buffer memory
@@ -90,18 +93,41 @@ class SnapshotStore:
         return self._db.run_read(_load_latest_blob)
 
 
+def _slice_tables(conn: duckdb.DuckDBPyConnection) -> dict[int, list[str]]:
+    """Slice tables by snapshot id, in slice order."""
+    tables: dict[int, list[str]] = {}
+    for (name,) in conn.execute(_SLICE_TABLES).fetchall():
+        tables.setdefault(int(name.split("_")[2]), []).append(name)
+    return tables
+
+
 def _begin_snapshot(conn: duckdb.DuckDBPyConnection) -> int:
+    """Drops slices of snapshots never committed, then creates the new snapshot's (empty) slice 0."""
     with transaction(conn):
         row = fetch_one(conn, "SELECT coalesce(max(snapshot_id), 0) FROM snapshots")
         committed = int(row[0]) if row else 0
-        conn.execute("DELETE FROM snapshot_tasks WHERE snapshot_id > $1", [committed])
-    return committed + 1
+        for snapshot_id, names in _slice_tables(conn).items():
+            if snapshot_id > committed:
+                for name in names:
+                    conn.execute(f"DROP TABLE {name}")
+        snapshot_id = committed + 1
+        _create_slice(conn, snapshot_id, 0)
+    return snapshot_id
+
+
+def _create_slice(conn: duckdb.DuckDBPyConnection, snapshot_id: int, number: int) -> str:
+    name = _SLICE_TABLE.format(snapshot_id, number)
+    conn.execute(f"CREATE TABLE {name} AS SELECT * FROM snapshot_tasks_v1 WITH NO DATA")
+    return name
 
 
 def _append_slice(conn: duckdb.DuckDBPyConnection, snapshot_id: int, blob: bytes | bytearray) -> int:
+    """A table of its own per slice: DuckDB checkpoints a table's growing row group whole, so one table
+    of large payloads needed memory for all of them (a 256 MB limit failed at ~240 MiB of payloads)."""
     raws = _RAW_LIST.decode(blob)
     with transaction(conn):
-        _append_tasks(conn, snapshot_id, raws)
+        name = _create_slice(conn, snapshot_id, len(_slice_tables(conn).get(snapshot_id, [])))
+        _append_tasks(conn, snapshot_id, raws, name)
     return len(raws)
 
 
@@ -109,20 +135,30 @@ def _commit_snapshot(
     conn: duckdb.DuckDBPyConnection, snapshot_id: int, counter_values: list[int], wal_segment: int, task_count: int
 ) -> int:
     with transaction(conn):
-        row = fetch_one(conn, "SELECT count(*) FROM snapshot_tasks WHERE snapshot_id = $1", [snapshot_id])
+        tables = _slice_tables(conn)
+        names = tables.get(snapshot_id, [])
+        if not names:
+            raise StorageError(f"snapshot {snapshot_id} was not begun (no slice tables)")
+        union = " UNION ALL ".join(f"SELECT * FROM {name}" for name in names)
+        row = fetch_one(conn, f"SELECT count(*) FROM ({union})")
         _check_count(snapshot_id, task_count, int(row[0]) if row else 0)
+        conn.execute(f"CREATE OR REPLACE VIEW snapshot_tasks AS {union}")
         conn.execute(
             _INSERT_SNAPSHOT,
             [snapshot_id, SNAPSHOT_FORMAT_VERSION, time.time(), wal_segment, *counter_values, task_count],
         )
-        conn.execute("DELETE FROM snapshot_tasks WHERE snapshot_id < $1", [snapshot_id])
         conn.execute("DELETE FROM snapshots WHERE snapshot_id < $1", [snapshot_id])
+        conn.execute("DELETE FROM snapshot_tasks_v1")
+        for other, old in tables.items():
+            if other < snapshot_id:
+                for name in old:
+                    conn.execute(f"DROP TABLE {name}")
     return snapshot_id
 
 
-def _append_tasks(conn: duckdb.DuckDBPyConnection, snapshot_id: int, raws: list[msgspec.Raw]) -> None:
+def _append_tasks(conn: duckdb.DuckDBPyConnection, snapshot_id: int, raws: list[msgspec.Raw], table: str) -> None:
     """Decodes and appends in slices so the hub thread gets the GIL between them."""
-    appender = conn.appender("snapshot_tasks", columns=["snapshot_id", *_TASK_FIELDS])
+    appender = conn.appender(table, columns=["snapshot_id", *_TASK_FIELDS])
     decode, astuple = _TASK.decode, msgspec.structs.astuple
     for start in range(0, len(raws), _SLICE_ROWS):
         rows = [(snapshot_id, *astuple(decode(raw))) for raw in raws[start : start + _SLICE_ROWS]]
