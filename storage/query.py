@@ -60,7 +60,7 @@ def bounded_rows(cursor: duckdb.DuckDBPyConnection, max_bytes: int) -> tuple[lis
     """Plain rows of the executed result while they fit; True when any row was left out."""
     rows: list[list[Any]] = []
     used, biggest = 5, 0  # 5: the msgpack array header
-    while chunk := cursor.fetchmany(FETCH_ROWS if biggest * FETCH_ROWS < max_bytes else 1):
+    while chunk := cursor.fetchmany(FETCH_ROWS if 0 < biggest * FETCH_ROWS < max_bytes else 1):  # 1: sizes unknown
         for raw in chunk:
             row = [_plain(v) for v in raw]
             size = len(_ENCODER.encode(row))
