@@ -75,7 +75,7 @@ def test_the_offline_cli_says_truncated_too(broker: BrokerProcess) -> None:
     assert json.loads(cut.stdout)["truncated"] is True and "only the first 10000 rows" in cut.stderr
 
 
-@pytest.mark.parametrize("sql", [
+REFUSED = [
     "SELECT * FROM snapshot_tasks",
     'SELECT payload FROM "snapshot_tasks"',
     "SELECT * FROM main.snapshot_tasks",
@@ -93,23 +93,31 @@ def test_the_offline_cli_says_truncated_too(broker: BrokerProcess) -> None:
     "SELECT * FROM pragma_database_list",
     "SHOW TABLES",
     "FROM snapshot_tasks",
-])
-def test_query_may_read_only_task_history(broker: BrokerProcess, sql: str) -> None:
-    client = broker.client()
-    with pytest.raises(BadRequest, match="QUERY may read only task_history"):
-        client.query(sql)
-
-
-@pytest.mark.parametrize("sql", [
+]
+ALLOWED = [
     "SELECT count(*) FROM task_history",
     "SELECT count(*) FROM main.task_history",
     "WITH recent AS (SELECT * FROM task_history) SELECT count(*) FROM recent",
     "SELECT sum(range) FROM range(4)",
     "SELECT lower('A'), now() > TIMESTAMP '2000-01-01'",
     "DESCRIBE task_history",
-])
-def test_query_still_reads_task_history_ctes_and_harmless_functions(broker: BrokerProcess, sql: str) -> None:
-    assert broker.client().query(sql)[1]
+]
+
+
+def test_query_may_read_only_task_history_however_an_internal_table_is_named(broker: BrokerProcess) -> None:
+    client = broker.client()
+    answered = {}
+    for sql in REFUSED:  # one broker for all: each case is one request
+        try:
+            answered[sql] = client.query(sql)
+        except BadRequest as exc:
+            assert "QUERY may read only task_history" in exc.message, (sql, exc.message)
+    assert answered == {}
+
+
+def test_query_still_reads_task_history_ctes_and_harmless_functions(broker: BrokerProcess) -> None:
+    client = broker.client()
+    assert [sql for sql in ALLOWED if not client.query(sql)[1]] == []
 
 
 README_LAST_HOUR = ("SELECT worker_id, count(*) FILTER (WHERE state = 'failed') AS failures "
