@@ -36,7 +36,7 @@ from transport.errors import (
 )
 from transport.messages import priority_tier
 
-OfflineQuery = Callable[[str, str | None], tuple[list[str], list[list[Any]]]]  # (sql, data_dir or None)
+OfflineQuery = Callable[[str, str | None], Any]  # (sql, data_dir or None) -> storage.errors.QueryResult
 
 
 class CliError(Exception):
@@ -223,17 +223,21 @@ def _warn_if_unserved(client: Client, queue: str) -> None:
 def cmd_sql(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
     try:
         with _client(args) as client:
-            columns, rows = client.query(args.query)
+            result: Any = client.query_rows(args.query)
     except BrokerUnreachable as exc:
         if offline_query is None:
             raise
         print(f"note: {exc}; reading the history file instead", file=sys.stderr)
         try:
-            columns, rows = offline_query(args.query, args.data_dir)
+            result = offline_query(args.query, args.data_dir)
         except Exception as offline_exc:  # no file, locked, refused, timed out: each already one line
             raise CliError(getattr(offline_exc, "message", None) or str(offline_exc)) from None
+    columns, rows = result.columns, result.rows
+    if result.truncated:
+        print(f"note: only the first {len(rows)} rows came back (at most 10,000 rows and one reply frame); "
+              "narrow the query or page with LIMIT/OFFSET", file=sys.stderr)
     if args.json:
-        return _print_json({"columns": columns, "rows": rows})
+        return _print_json({"columns": columns, "rows": rows, "truncated": result.truncated})
     if args.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)

@@ -1,8 +1,9 @@
 """CompactorActor: snapshots, WAL truncation, history retention and DuckDB CHECKPOINT.
 
 Every `persistence.snapshot_interval_secs` it asks the queue actor for a consistent image of the live
-tasks (taken in one handler, right after the WAL rotates to a new segment), writes it to DuckDB in one
-transaction in the database process, and then tells the queue actor that WAL segments before
+tasks (copies taken in one handler, right after the WAL rotates to a new segment), streams it to the
+database process slice by slice (storage.db_process `SnapshotClient.write`; the snapshot becomes
+visible only when its last slice is committed), and then tells the queue actor that WAL segments before
 the new one may go. So the WAL holds at most the live data plus one interval of changes.
 Every `persistence.compact_interval_secs` (with `auto_compact`) it deletes history older than
 `completed_task_retention_days` and CHECKPOINTs.
@@ -37,18 +38,23 @@ class PrepareSnapshot(Struct):
 
 
 class SnapshotData(Struct, gc=False):
-    tasks_blob: bytes
-    task_count: int
+    """`tasks` are shallow copies made in the queue actor's handler: the actor's later changes to its own
+    Task objects do not reach them (payloads are immutable bytes, shared). `finished` is history batch
+    `finished_batch`, committed with the snapshot."""
+
+    tasks: list[Task]
     counters: Counters
     wal_segment: int
+    finished_batch: str
     finished: list[Task]
 
 
 class SnapshotTaken(Struct, gc=False):
-    """Told to the queue actor: segments before `wal_segment` are covered; `finished` are in history."""
+    """Told to the queue actor: segments before `wal_segment` are covered; batch `finished_batch` is in
+    history (unless `error`)."""
 
     wal_segment: int
-    finished_ids: list[str]
+    finished_batch: str
     error: str | None = None
 
 
@@ -91,18 +97,17 @@ class CompactorActor(HubActor):
             return None
         try:
             if data.finished:
-                self.history.append(data.finished)
-            self.snapshots.write(data.tasks_blob, data.counters, data.wal_segment)
+                self.history.append(data.finished, batch_id=data.finished_batch)
+            self.snapshots.write(data.tasks, data.counters, data.wal_segment)
         except Exception as exc:  # disk full, DuckDB error: the WAL keeps everything until the next try
             log.error("snapshot failed, WAL segments kept: %s", exc)
-            self.queue.tell(SnapshotTaken(wal_segment=0, finished_ids=[t.task_id for t in data.finished],
-                                          error=str(exc)))
+            self.queue.tell(SnapshotTaken(wal_segment=0, finished_batch=data.finished_batch, error=str(exc)))
             return None
-        self.queue.tell(SnapshotTaken(wal_segment=data.wal_segment,
-                                      finished_ids=[t.task_id for t in data.finished]))
+        self.queue.tell(SnapshotTaken(wal_segment=data.wal_segment, finished_batch=data.finished_batch))
         self.last_snapshot_seconds = time.monotonic() - started
-        log.info("snapshot of %d live tasks written in %.2f s", data.task_count, self.last_snapshot_seconds,
-                 extra={"count": data.task_count, "seconds": round(self.last_snapshot_seconds, 3)})
+        count = len(data.tasks)
+        log.info("snapshot of %d live tasks written in %.2f s", count, self.last_snapshot_seconds,
+                 extra={"count": count, "seconds": round(self.last_snapshot_seconds, 3)})
         return data.wal_segment
 
     def compact(self) -> int:

@@ -289,8 +289,8 @@ class Session:
             with self.ctx.queries.slot(self):
                 if self.state.closed:  # the client went away while its query waited: skip the work
                     return
-                columns, rows = self.ctx.run_query(msg.sql)
-                reply = Rows(id=msg.id, columns=columns, rows=rows)
+                result = self.ctx.run_query(msg.sql)
+                reply = Rows(id=msg.id, columns=result.columns, rows=result.rows, truncated=result.truncated)
         except Exception as exc:  # QueryRefused / QueryTimeout / no history: all user-facing text
             code = getattr(exc, "code", ErrorCode.BAD_REQUEST)
             reply = Error(id=msg.id, code=code, message=getattr(exc, "message", None) or str(exc))

@@ -59,7 +59,7 @@ class BrokerContext:
     registry: Any
     server: Any  # has `.connections`
     keys: ApiKeys
-    run_query: Callable[[str], tuple[list[str], list[list[Any]]]]
+    run_query: Callable[[str], Any]  # -> storage.errors.QueryResult
     metrics: BrokerMetrics
     server_name: str = "tqbroker/0.1.0"
     idle: IdleSweeper = field(default_factory=IdleSweeper, repr=False)  # closes idle connections

@@ -10,6 +10,7 @@ Until a batch is committed its tasks stay here, so STATUS never misses a task be
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -24,21 +25,33 @@ log = logging.getLogger("tqbroker.history")
 class HistoryWritten(Struct, gc=False):
     """A history batch finished writing (`error` is None on success)."""
 
-    task_ids: list[str]
+    batch_id: str
     error: str | None = None
 
 
 class HistoryLink:
+    """Finished tasks on their way to task_history, in batches with ids.
+
+    Invariant: a batch keeps its id and its exact tasks until a write of it succeeds; a failed write is
+    retried as the same batch. The database records each committed batch id in the same transaction
+    as its rows (storage.history), so a retry of a batch that was in fact committed (the database
+    process died after COMMIT, before its reply) writes nothing twice.
+    """
+
     def __init__(
         self, history: Any, notify: Callable[[object], None] | None = None,
-        flush_interval_s: float = 0.25, max_batch: int = 20_000,
+        flush_interval_s: float = 0.25, max_batch: int = 20_000, lookup_timeout_s: float | None = None,
     ) -> None:
         self.history = history
         self.notify = notify
         self.flush_interval_s = flush_interval_s
         self.max_batch = max_batch
+        self.lookup_timeout_s = lookup_timeout_s  # a history read past this answers UNAVAILABLE
         self._buffer: dict[str, Task] = {}
-        self._in_flight: dict[str, Task] = {}
+        self._batches: dict[str, dict[str, Task]] = {}  # being written, or failed and waiting for a retry
+        self._writing: set[str] = set()
+        self._run = uuid.uuid4().hex[:12]  # batch ids: unique across broker runs without any stored counter
+        self._seq = 0
         self._last_flush = 0.0
 
     def add(self, task: Task) -> None:
@@ -47,60 +60,83 @@ class HistoryLink:
 
     def pending(self, task_id: str) -> Task | None:
         """A finished task not yet committed to DuckDB."""
-        return self._buffer.get(task_id) or self._in_flight.get(task_id)
+        task = self._buffer.get(task_id)
+        if task is None:
+            for batch in self._batches.values():
+                task = batch.get(task_id)
+                if task is not None:
+                    break
+        return task
 
     @property
     def backlog(self) -> int:
-        return len(self._buffer) + len(self._in_flight)
+        return len(self._buffer) + sum(len(batch) for batch in self._batches.values())
 
     def flush_due(self, now: float) -> None:
-        """Starts writing the buffer if a batch is due and no other write is under way."""
-        if not self._buffer or self._in_flight or self.history is None:
+        """Starts one write if none is under way: a failed batch first (same id), else the buffer once
+        it is big enough or flush_interval_s has passed."""
+        if self._writing or self.history is None or now - self._last_flush < self.flush_interval_s and (
+                self._batches or len(self._buffer) < self.max_batch):
             return
-        if len(self._buffer) < self.max_batch and now - self._last_flush < self.flush_interval_s:
+        if self._batches:
+            batch_id = next(iter(self._batches))
+        elif self._buffer:
+            batch_id = self._new_batch()
+        else:
             return
         self._last_flush = now
-        batch, self._buffer = self._buffer, {}
-        self._in_flight = batch
-        gevent.spawn(self._write, list(batch.values()))
+        self._writing.add(batch_id)
+        gevent.spawn(self._write, batch_id, list(self._batches[batch_id].values()))
 
-    def take_unflushed(self) -> list[Task]:
-        """Hands the buffered tasks to a snapshot, which commits them with itself."""
-        batch, self._buffer = self._buffer, {}
-        self._in_flight.update(batch)
-        return list(batch.values())
+    def take_unflushed(self) -> tuple[str, list[Task]]:
+        """Hands the buffered tasks to a snapshot as one batch (id, tasks), which commits them with itself."""
+        if not self._buffer:
+            return "", []
+        batch_id = self._new_batch()
+        self._writing.add(batch_id)
+        return batch_id, list(self._batches[batch_id].values())
 
-    def _write(self, tasks: list[Task]) -> None:
+    def _new_batch(self) -> str:
+        self._seq += 1
+        batch_id = f"{self._run}-{self._seq}"
+        self._batches[batch_id], self._buffer = self._buffer, {}
+        return batch_id
+
+    def _write(self, batch_id: str, tasks: list[Task]) -> None:
         error = None
         try:
-            self.history.append(tasks)
-        except Exception as exc:  # disk full, DuckDB error: keep the tasks and try again later
+            self.history.append(tasks, batch_id=batch_id)
+        except Exception as exc:  # disk full, DuckDB error, process killed: retried as the same batch
             error = str(exc)
         if self.notify is not None:
-            self.notify(HistoryWritten(task_ids=[t.task_id for t in tasks], error=error))
+            self.notify(HistoryWritten(batch_id=batch_id, error=error))
 
     def written(self, msg: HistoryWritten) -> None:
-        """A write finished: forget committed tasks, or put failed ones back in the buffer."""
-        for task_id in msg.task_ids:
-            task = self._in_flight.pop(task_id, None)
-            if msg.error is not None and task is not None:
-                self._buffer[task_id] = task
-        if msg.error is not None:
-            log.error("writing %d tasks to task_history failed, will retry: %s", len(msg.task_ids), msg.error)
+        """A write finished: forget a committed batch, or keep a failed one for its retry."""
+        self._writing.discard(msg.batch_id)
+        if msg.error is None:
+            self._batches.pop(msg.batch_id, None)
+            return
+        count = len(self._batches.get(msg.batch_id, ()))
+        log.error("writing %d tasks to task_history failed, will retry: %s", count, msg.error)
 
-    def lookup(self, task_id: str, callback: Callable[[Task | None], None]) -> None:
-        """Finds a finished task in the buffer or in DuckDB (off the actor), then calls back."""
+    def lookup(self, task_id: str, callback: Callable[[Task | None, str | None], None]) -> None:
+        """Finds a finished task in the buffer or in DuckDB (off the actor), then calls back with
+        `(task, None)`, `(None, None)` when history has no such row, or `(None, error)` when history
+        could not be read (the process died, stalled past its reply bound, or hit a bad block): then
+        nobody knows whether the task exists."""
         task = self.pending(task_id)
         if task is not None or self.history is None:
-            callback(task)
+            callback(task, None)
             return
 
         def find() -> None:
             try:
-                found = self.history.get(task_id)
+                found = self.history.get(task_id, timeout=self.lookup_timeout_s)
             except Exception as exc:
                 log.error("task_history lookup of %s failed: %s", task_id, exc)
-                found = None
-            callback(found)
+                callback(None, str(getattr(exc, "message", None) or exc))
+                return
+            callback(found, None)
 
         gevent.spawn(find)

@@ -138,13 +138,13 @@ def _stop_after_crash(system: Any) -> int:
     return EXIT_SOFTWARE
 
 
-def _offline_query(sql: str, data_dir: str | None = None) -> tuple[list[str], list[list[object]]]:
+def _offline_query(sql: str, data_dir: str | None = None) -> Any:
     """`sql` with the broker stopped: open the DuckDB file of `data_dir` (default persistence.data_dir)
     read-only in a database process of our own (a real thread there can be interrupted at
     api.query_timeout_secs; a patched one here could not)."""
     from pathlib import Path
 
-    from actors.system import DB_FILE
+    from actors.system import DB_FILE, QUERY_REPLY_HEADROOM
     from storage.db_process import DatabaseProcess
 
     settings = load_settings(overrides={"persistence.data_dir": data_dir})
@@ -154,6 +154,7 @@ def _offline_query(sql: str, data_dir: str | None = None) -> tuple[list[str], li
                                 "TQ_PERSISTENCE__DATA_DIR) to the broker's data directory")
     db = DatabaseProcess(path, read_only=True)
     try:
-        return db.history.query(sql, timeout=settings.api.query_timeout_secs)
+        return db.history.query_result(sql, settings.api.query_timeout_secs,
+                                       settings.broker.max_frame_bytes - QUERY_REPLY_HEADROOM)
     finally:
         db.close()

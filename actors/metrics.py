@@ -56,6 +56,8 @@ class BrokerMetrics:
         self.workers_connected = Gauge("tq_workers_connected", "Workers alive (heartbeating)", registry=r)
         self.queue_depth = Gauge("tq_broker_queue_depth", "Pending tasks by priority tier", ["priority"],
                                  registry=r)
+        self.pending_payload_bytes = Gauge("tq_pending_payload_bytes", "Payload bytes of live tasks (pending, "
+                                           "scheduled, running); bounded by broker.max_pending_bytes", registry=r)
         self.tasks_scheduled = Gauge("tq_tasks_scheduled", "Tasks waiting for their run_at", registry=r)
         self.queue_pending = Gauge("tq_queue_pending", "Pending tasks per queue", ["queue"], registry=r)
         self.submitted = Counter("tq_tasks_submitted", "Tasks accepted by SUBMIT/SUBMIT_BATCH", ["queue"],

@@ -57,7 +57,7 @@ from actors.task_index import TaskIndex
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
-from storage.model import Counters, LeasesRenewed, Task, TaskState, WalRecord, apply_record
+from storage.model import Counters, LeasesRenewed, Task, TaskState, TaskSubmitted, WalRecord, apply_record
 from storage.wal_format import WalError
 from transport.messages import (
     Assigned,
@@ -85,6 +85,13 @@ MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
 TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable, expired leases pending, within this of their time
 RECENT_FINISHED = 10_000
+RECORD_OVERHEAD_BYTES = 512  # WAL bytes of one record besides the payload, result and error it carries
+
+
+class _Stopped(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class QueueActor(HubActor):
@@ -100,6 +107,8 @@ class QueueActor(HubActor):
         self.settings = settings
         self.max_batch_claim = b.max_batch_claim
         self.depth_threshold = b.queue_depth_threshold
+        self.max_pending_bytes = b.max_pending_bytes
+        self.payload_bytes = 0  # sum of len(payload) over live tasks (pending, scheduled, running)
         self.default_max_retries = b.default_max_retries
         self.default_lease_ms = int(b.worker_lease_timeout_secs * 1000)
         self.backoff = (b.retry_backoff_base_ms, b.retry_backoff_max_ms)
@@ -119,6 +128,7 @@ class QueueActor(HubActor):
         self.recent: OrderedDict[str, Task] = OrderedDict()
         self.waiters = ClaimWaiters(self.index.has_pending, self._claim, self._reply)
         self.shutting_down = False
+        self.writes_stopped: str | None = None  # why: a WAL append failed with changes that cannot be undone
         self._records: list[WalRecord] = []
         self._outbox: Outbox = {}
         self._submitted: dict[str, int] = {}  # per queue, counted into the metric once per tick
@@ -139,6 +149,7 @@ class QueueActor(HubActor):
             if n % 10_000 == 0:
                 gevent.sleep(0)  # keep /healthz answering while a large queue is rebuilt
             self.index.tasks[task.task_id] = task
+            self.payload_bytes += len(task.payload)
             self.index.enter(task)
             self.index.add_unique(task)
             self.ready_seq = max(self.ready_seq, task.ready_seq)
@@ -161,7 +172,7 @@ class QueueActor(HubActor):
 
     def _on_requests(self, batch: QueueRequests) -> None:
         now = time.time()
-        refusal = self._refusal(batch.nbytes)
+        refusal = self._refusal(self._wal_estimate(batch.requests))
         for request in batch.requests:
             if refusal is not None and not isinstance(request, Status):
                 self._reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
@@ -170,34 +181,60 @@ class QueueActor(HubActor):
             if reply is not None:
                 self._reply(batch.reply_to, reply)
 
-    def _refusal(self, nbytes: int) -> tuple[str, str] | None:
-        """Why changes are refused right now (shutting down, or the WAL cannot take them); reads go on.
+    def _refusal(self, wal_bytes: int) -> tuple[str, str] | None:
+        """Why changes are refused right now (shutting down, writes stopped, or the WAL cannot take
+        `wal_bytes` more); reads go on.
 
-        The free-space check comes before any change is applied: a change refused for a full disk must
-        not stay applied in memory. (A disk filled by someone else between the check and the write can
-        still fail the append; then the acknowledgements become INTERNAL errors.)
+        The free-space check comes before any change is applied, against the bytes the change's WAL
+        records can take: a change refused for a full disk is never applied in memory. (A disk filled by
+        someone else between the check and the write can still fail the append: see `_commit`.)
         """
         if self.shutting_down:
             return ErrorCode.SHUTTING_DOWN, "broker is shutting down; retry against its replacement"
+        if self.writes_stopped is not None:
+            return ErrorCode.INTERNAL, self.writes_stopped
         if self.wal is None:
             return None
         if not (self.wal.healthy or self.wal.probe()):
             return ErrorCode.INTERNAL, writable_error(self.wal)
         free = self.wal.free_bytes()
-        if free < 2 * nbytes + WAL_HEADROOM_BYTES:
+        if free < 2 * wal_bytes + WAL_HEADROOM_BYTES:
             return ErrorCode.INTERNAL, (f"disk full: {self.wal.directory} has {free} bytes free; "
                                         "free space on that disk and retry")
         return None
 
+    def _wal_estimate(self, requests: list[Message]) -> int:
+        """An upper bound of the WAL bytes `requests` can add: a SUBMIT's record holds the whole task, a
+        RESULT's the result and error, a CLAIM writes one record per task it may take."""
+        total = 0
+        for r in requests:
+            if isinstance(r, Submit):
+                total += len(r.task.payload) + RECORD_OVERHEAD_BYTES
+            elif isinstance(r, SubmitBatch):
+                total += sum(len(spec.payload) + RECORD_OVERHEAD_BYTES for spec in r.tasks)
+            elif isinstance(r, Result):
+                total += len(r.result or b"") + 4 * len(r.error or "") + RECORD_OVERHEAD_BYTES
+            elif isinstance(r, Claim):
+                total += RECORD_OVERHEAD_BYTES * min(max(r.max_tasks, 1), self.max_batch_claim)
+            else:
+                total += RECORD_OVERHEAD_BYTES
+        return total
+
     # ------------------------------------------------------------ submit
 
-    def _admit(self, request_id: int) -> Error | None:
+    def _admit(self, request_id: int, payload_bytes: int) -> Error | None:
+        """QUEUE_FULL when the queue is at its depth threshold, or when `payload_bytes` more would take
+        the live payloads past broker.max_pending_bytes; a batch is admitted whole or not at all."""
+        message = None
         if self.index.pending_total + self.index.scheduled_total >= self.depth_threshold:
-            self.metrics.backpressure.inc()
-            return Error(id=request_id, code=ErrorCode.QUEUE_FULL,
-                         message=f"queue depth reached broker.queue_depth_threshold ({self.depth_threshold}); "
-                                 "retry later")
-        return None
+            message = f"queue depth reached broker.queue_depth_threshold ({self.depth_threshold}); retry later"
+        elif self.payload_bytes + payload_bytes > self.max_pending_bytes:
+            message = (f"payloads of live tasks would pass broker.max_pending_bytes ({self.max_pending_bytes}): "
+                       f"{self.payload_bytes} held, {payload_bytes} more asked; retry once workers catch up")
+        if message is None:
+            return None
+        self.metrics.backpressure.inc()
+        return Error(id=request_id, code=ErrorCode.QUEUE_FULL, message=message)
 
     def _submit_one(self, spec: Any, now: float) -> tuple[str, bool]:
         injected_crash(spec.kind)
@@ -209,6 +246,7 @@ class QueueActor(HubActor):
         record = states.new_task(spec, self.ids.next(), now, self.ready_seq, self.default_max_retries,
                                  self.default_lease_ms)
         apply_record(record, self.index.tasks, self.counters)
+        self.payload_bytes += len(record.task.payload)
         self.index.enter(record.task)
         self.index.add_unique(record.task)
         self._records.append(record)
@@ -223,14 +261,14 @@ class QueueActor(HubActor):
             existing = self.index.unique.get((spec.queue, spec.unique_key))
             if existing is not None:
                 return Submitted(id=req.id, task_id=existing, duplicate=True)
-        refusal = self._admit(req.id)
+        refusal = self._admit(req.id, len(spec.payload))
         if refusal is not None:
             return refusal
         task_id, duplicate = self._submit_one(req.task, now)
         return Submitted(id=req.id, task_id=task_id, duplicate=duplicate)
 
     def _on_submit_batch(self, req: SubmitBatch, reply_to: Any, now: float) -> Message:
-        refusal = self._admit(req.id)
+        refusal = self._admit(req.id, sum(len(spec.payload) for spec in req.tasks))
         if refusal is not None:
             return refusal
         return SubmittedBatch(id=req.id, task_ids=[self._submit_one(spec, now)[0] for spec in req.tasks])
@@ -305,7 +343,8 @@ class QueueActor(HubActor):
         return Ok(id=req.id)
 
     def _answer_unknown(self, request_id: int, task_id: str, reply_to: Any, code: str | None, message: str) -> None:
-        """A task not in memory: finished long ago (history answers) or never known (NOT_FOUND).
+        """A task not in memory: finished long ago (history answers), never known (NOT_FOUND), or
+        unknowable right now (history could not be read: UNAVAILABLE, never NOT_FOUND).
 
         `code` is the error for a finished task; None means answer with its status.
         """
@@ -314,12 +353,16 @@ class QueueActor(HubActor):
             self._reply(reply_to, finished_answer(request_id, finished, code, message))
             return
 
-        def answer(task: Task | None) -> Message:
+        def answer(task: Task | None, failure: str | None) -> Message:
+            if failure is not None:
+                return Error(id=request_id, code=ErrorCode.UNAVAILABLE,
+                             message=f"task {task_id} is not live and task history cannot be read right now "
+                                     f"({failure}); retry in a few seconds")
             if task is None:
                 return Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}")
             return finished_answer(request_id, task, code, message)
 
-        self.history.lookup(task_id, lambda task: send_outbox({"": (reply_to, [answer(task)])}))
+        self.history.lookup(task_id, lambda task, failure: send_outbox({"": (reply_to, [answer(task, failure)])}))
 
     # ------------------------------------------------------------ leases and workers
 
@@ -397,6 +440,7 @@ class QueueActor(HubActor):
         tiers, per_queue = queue_gauges(idx)
         self.metrics.set_queue_gauges(idx.pending_total, idx.running_total, idx.scheduled_total, tiers,
                                       per_queue, self.history.backlog)
+        self.metrics.pending_payload_bytes.set(self.payload_bytes)
 
     def _on_fill_stats(self, msg: FillStats) -> None:
         stats = stats_info(self.index, self.counters, msg.workers_alive, msg.connections, time.time() - self.started)
@@ -409,15 +453,14 @@ class QueueActor(HubActor):
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
         """A consistent image: the WAL rotates first, so the image covers every earlier segment."""
         segment = self.wal.rotate() if self.wal is not None else 0
-        tasks = list(self.index.tasks.values())
-        return SnapshotData(
-            tasks_blob=msgspec.msgpack.encode(tasks), task_count=len(tasks),
-            counters=msgspec.structs.replace(self.counters), wal_segment=segment,
-            finished=self.history.take_unflushed(),
-        )
+        copy = msgspec.structs.replace
+        batch_id, finished = self.history.take_unflushed()
+        return SnapshotData(tasks=[copy(t) for t in self.index.tasks.values()], counters=copy(self.counters),
+                            wal_segment=segment, finished_batch=batch_id, finished=finished)
 
     def _on_snapshot_taken(self, msg: SnapshotTaken) -> None:
-        self.history.written(HistoryWritten(task_ids=msg.finished_ids, error=msg.error))
+        if msg.finished_batch:
+            self.history.written(HistoryWritten(batch_id=msg.finished_batch, error=msg.error))
         if msg.error is None and self.wal is not None:
             self.wal.delete_segments_before(msg.wal_segment)
 
@@ -459,6 +502,7 @@ class QueueActor(HubActor):
 
     def _finished(self, task: Task) -> None:
         self.index.forget(task)
+        self.payload_bytes -= len(task.payload)
         self.metrics.count_finished(task.queue, task.state)
         self.recent[task.task_id] = task
         if len(self.recent) > RECENT_FINISHED:
@@ -477,11 +521,16 @@ class QueueActor(HubActor):
         """Writes this message's WAL records, then releases its replies once they are durable."""
         outbox, self._outbox = self._outbox, {}
         records, self._records = self._records, []
+        if records and self.wal is not None and self.writes_stopped is not None:
+            records = []  # memory may hold changes the WAL lacks: write nothing more until the restart
+            outbox = {k: (ref, [refuse(m, _Stopped(self.writes_stopped)) for m in msgs])
+                      for k, (ref, msgs) in outbox.items()}
         if records and self.wal is not None:
             try:
                 self.wal.append(records)
             except Exception as exc:  # WalError: refuse the acknowledgements, keep answering reads
                 log.error("WAL append failed: %s", getattr(exc, "message", exc))
+                self._undo_or_stop(records)
                 outbox = {k: (ref, [refuse(m, exc) for m in msgs]) for k, (ref, msgs) in outbox.items()}
                 send_outbox(outbox)
                 return
@@ -508,6 +557,25 @@ class QueueActor(HubActor):
         elif not isinstance(message, _IGNORED_AFTER_CRASH):
             return super().after_crash(message)
         return None
+
+    def _undo_or_stop(self, records: list[WalRecord]) -> None:
+        """After a failed append, memory must not keep what the WAL lacks. New tasks alone (the usual
+        SUBMIT) are taken back out; any other change stops all writes until a restart, which recovers
+        exactly the acknowledged state from the WAL."""
+        if all(isinstance(r, TaskSubmitted) for r in records):
+            for record in reversed(records):
+                task = self.index.tasks.pop(record.task.task_id)
+                self.index.leave(task)
+                task.state = TaskState.CANCELLED  # its heap entries are stale from now on
+                self.index.forget(task)
+                self.counters.submitted_total -= 1
+                self.payload_bytes -= len(task.payload)
+                self._submitted[task.queue] = self._submitted.get(task.queue, 1) - 1
+            return
+        self.writes_stopped = ("a write-ahead log append failed after its changes were applied in memory; "
+                               "writes are refused until the broker restarts: restart it (free disk space "
+                               "first if the disk is full); nothing acknowledged is lost")
+        log.error("%s", self.writes_stopped)
 
     _request_handlers: dict[type, Any] = {
         Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,

@@ -40,6 +40,7 @@ from transport.server import ListenError, TcpServer
 log = logging.getLogger("tqbroker")
 
 DB_FILE = "tqbroker.duckdb"
+QUERY_REPLY_HEADROOM = 64 * 1024  # frame bytes of a ROWS reply beyond its rows and columns (id, keys, slack)
 REPLAY_SNAPSHOT_THRESHOLD = 10_000  # WAL records replayed at start-up that call for a snapshot at once
 FINAL_SNAPSHOT_TIMEOUT_S = 10.0  # a million tasks take ~4-5 s; past this the stop goes on (the WAL has it all)
 
@@ -124,7 +125,7 @@ class BrokerSystem:
         self.history = self.db.history
         snapshots = self.db.snapshots
         state = recover(self.data_dir, snapshots, accept_wal_damage=self.accept_wal_damage)
-        history_link = HistoryLink(self.history)
+        history_link = HistoryLink(self.history, lookup_timeout_s=s.api.query_timeout_secs)
         if state.finished:
             try:
                 self.history.append_dedup(state.finished)
@@ -194,16 +195,12 @@ class BrokerSystem:
             return
         from actors.http.app import start_server  # Falcon and Jinja2 load only when the API is on
         try:
-            self.rest = start_server(ctx, self._query_result, tls_context(self.settings))
+            self.rest = start_server(ctx, self._run_query, tls_context(self.settings))
         except OSError as exc:
             raise ListenError(f"cannot serve the REST API on {api.rest_host}:{api.rest_port}: "
                               f"{exc.strerror or exc} (api.rest_port; 0 turns it off)") from None
         log.info("REST API and dashboard on %s:%d", api.rest_host, self.rest.server_port,
                  extra={"host": api.rest_host, "port": self.rest.server_port})
-
-    def _query_result(self, sql: str) -> Any:
-        assert self.history is not None
-        return self.history.query_result(sql, timeout=self.settings.api.query_timeout_secs)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready = listening, recovered, no actor crashed, and the WAL writable (not out of disk)."""
@@ -220,9 +217,11 @@ class BrokerSystem:
             details["error"] = f"disk full: {wal.directory} has {wal.free_bytes()} bytes free"
         return self.ready and wal_ok, details
 
-    def _run_query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
+    def _run_query(self, sql: str) -> Any:
+        """A QueryResult whose rows fit one reply frame (QUERY_REPLY_HEADROOM left for the rest)."""
         assert self.history is not None
-        return self.history.query(sql, timeout=self.settings.api.query_timeout_secs)
+        return self.history.query_result(sql, self.settings.api.query_timeout_secs,
+                                         self.settings.broker.max_frame_bytes - QUERY_REPLY_HEADROOM)
 
     def stop(self) -> bool:
         """Graceful stop; every step is bounded so the process exits within a few seconds.

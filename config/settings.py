@@ -49,6 +49,7 @@ class BrokerSettings(_Section):
     port: Port = 6379
     max_connections: PosInt = 1000
     queue_depth_threshold: PosInt = 100000
+    max_pending_bytes: PosInt = 1073741824  # payload bytes of live tasks; past it SUBMIT gets QUEUE_FULL
     worker_lease_timeout_secs: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 30  # lease_ms ≤ 86,400,000
     max_batch_claim: PosInt = 10
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=2**32 - 1)] = 16777216  # u32 length field

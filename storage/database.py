@@ -59,6 +59,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             started_at DOUBLE, finished_at DOUBLE, worker_id VARCHAR, lease_expires_at DOUBLE,
             result BLOB, error VARCHAR)""",
     ),
+    # History batches committed, by the id the broker gave them: a retried batch is written once.
+    2: ("CREATE TABLE history_batches (batch_id VARCHAR PRIMARY KEY, written_at DOUBLE, row_count INTEGER)",),
+    # Snapshots stored one table per slice (storage.snapshots); snapshot_tasks becomes a view over them.
+    3: ("ALTER TABLE snapshot_tasks RENAME TO snapshot_tasks_v1",
+        "CREATE VIEW snapshot_tasks AS SELECT * FROM snapshot_tasks_v1"),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -153,6 +158,7 @@ class Database:
             self._conn = duckdb.connect(str(path), read_only=read_only, config=self._config)
         except duckdb.Error as exc:
             raise _open_error(self.path, exc) from None
+        _utc(self._conn)
         self._read_root = self._conn.cursor()  # cursors for reads are made from this, never used itself
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
         self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="duckdb-reader")
@@ -186,6 +192,7 @@ class Database:
             with contextlib.suppress(duckdb.Error):
                 _close_connections(self._read_root, self._conn)
             self._conn = duckdb.connect(str(self.path), read_only=self.read_only, config=self._config)
+            _utc(self._conn)
             self._read_root = self._conn.cursor()
 
         try:
@@ -236,6 +243,14 @@ class Database:
         finally:
             self._writer.shutdown(wait=False)
             self._readers.shutdown(wait=False)
+
+
+def _utc(conn: duckdb.DuckDBPyConnection) -> None:
+    """Every connection and cursor of this database computes in UTC: task_history's TIMESTAMPs are UTC,
+    so `finished_at > now() - INTERVAL 1 HOUR` is right whatever the process's TZ. (A `TimeZone` key in
+    the connect config would need the icu extension autoloaded, which disabled external access forbids;
+    SET GLOBAL after connecting works.)"""
+    conn.execute("SET GLOBAL TimeZone = 'UTC'")
 
 
 def fetch_one(

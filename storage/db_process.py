@@ -16,7 +16,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,17 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 60.0  # opening and migrating a big file takes a while; a hung start must still end
 CLOSE_TIMEOUT_S = 10.0
 REPLY_MARGIN_S = 30.0  # a read's own timeout runs in the process; this bounds a process that hangs
+DEFAULT_QUERY_MAX_BYTES = 16 * 1024 * 1024 - 64 * 1024  # storage.history's default (no duckdb import here)
 PIPE_BYTES = 1 << 20  # see _widen_pipe
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+SNAPSHOT_SLICE_TASKS = 10_000  # tasks per snapshot slice sent to the database process
+SNAPSHOT_SLICE_BYTES = 64 << 20  # payload bytes per snapshot slice (about): bounds both processes' memory
+TASK_OVERHEAD_BYTES = 256  # a task's encoded fields besides its payload, roughly, for slicing
 DECODE_SLICE = 20_000  # tasks decoded per step when loading a snapshot, between yields to the hub
 
 _TASK = msgspec.msgpack.Decoder(Task)
 _RAW_LIST = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_ENCODER = msgspec.msgpack.Encoder()
 
 
 class _Channel:
@@ -238,24 +243,29 @@ class HistoryClient:
     def __init__(self, process: DatabaseProcess) -> None:
         self._process = process
 
-    def append(self, tasks: Sequence[Task]) -> None:
+    def append(self, tasks: Sequence[Task], batch_id: str = "") -> None:
+        """storage.history.TaskHistory.append: a batch id already committed is not written again."""
         if tasks:
-            self._process.call("append", msgspec.msgpack.encode(list(tasks)))
+            self._process.call("append", msgspec.msgpack.encode(list(tasks)), batch_id)
 
     def append_dedup(self, tasks: Sequence[Task]) -> None:
         if tasks:
             self._process.call("append_dedup", msgspec.msgpack.encode(list(tasks)))
 
-    def get(self, task_id: str) -> Task | None:
-        blob = self._process.call("get", task_id, timeout=REPLY_MARGIN_S)
+    def get(self, task_id: str, timeout: float | None = None) -> Task | None:
+        """The finished task or None; StorageError when no answer came within `timeout` (default
+        REPLY_MARGIN_S) or the process failed."""
+        blob = self._process.call("get", task_id, timeout=timeout or REPLY_MARGIN_S)
         return None if blob is None else _TASK.decode(blob)
 
     def query(self, sql: str, timeout: float) -> tuple[list[str], list[list[Any]]]:
         result = self.query_result(sql, timeout)
         return result.columns, result.rows
 
-    def query_result(self, sql: str, timeout: float) -> QueryResult:
-        columns, rows, truncated = self._process.call("query", sql, timeout, timeout=timeout + REPLY_MARGIN_S)
+    def query_result(self, sql: str, timeout: float, max_bytes: int = DEFAULT_QUERY_MAX_BYTES) -> QueryResult:
+        """Rows stop before `max_bytes` of msgpack (see storage.query); `truncated` says so."""
+        columns, rows, truncated = self._process.call("query", sql, timeout, max_bytes,
+                                                      timeout=timeout + REPLY_MARGIN_S)
         return QueryResult(columns, rows, truncated)
 
     def delete_older_than(self, cutoff: float) -> int:
@@ -274,9 +284,19 @@ class SnapshotClient:
     def __init__(self, process: DatabaseProcess) -> None:
         self._process = process
 
-    def write(self, tasks_blob: bytes, counters: Counters, wal_segment: int) -> int:
-        return int(self._process.call("snapshot_write", list(msgspec.structs.astuple(counters)), wal_segment,
-                                      attachment=tasks_blob))
+    def write(self, tasks: Sequence[Task], counters: Counters, wal_segment: int,
+              slice_bytes: int = SNAPSHOT_SLICE_BYTES) -> int:
+        """Writes `tasks` as the only snapshot, streamed in slices of at most SNAPSHOT_SLICE_TASKS tasks and
+        about `slice_bytes` of payload (one task bigger than that is a slice of its own), so the encoded
+        image never exists whole in either process; returns the snapshot id. `tasks` must not change
+        while this runs (the queue actor hands over copies)."""
+        call = self._process.call
+        snapshot_id = int(call("snapshot_begin"))
+        for piece in _slices(tasks, slice_bytes):
+            call("snapshot_slice", snapshot_id, attachment=_ENCODER.encode(piece))
+            gevent.sleep(0)
+        return int(call("snapshot_commit", snapshot_id, list(msgspec.structs.astuple(counters)), wal_segment,
+                        len(tasks)))
 
     def load_latest(self) -> tuple[list[Task], Counters, int] | None:
         loaded, blob = self._process.call_attached("snapshot_load")
@@ -289,6 +309,17 @@ class SnapshotClient:
             raise StorageCorrupt(f"database {self._process.path} is damaged: a task of the latest snapshot does "
                                  f"not decode ({exc}); restore the file from a backup") from None
         return tasks, Counters(*counter_values), int(wal_segment)
+
+
+def _slices(tasks: Sequence[Task], slice_bytes: int) -> Iterator[Sequence[Task]]:
+    start, size = 0, 0
+    for end, task in enumerate(tasks):
+        if end > start and (end - start >= SNAPSHOT_SLICE_TASKS or size + len(task.payload) > slice_bytes):
+            yield tasks[start:end]
+            start, size = end, 0
+        size += len(task.payload) + TASK_OVERHEAD_BYTES
+    if start < len(tasks):
+        yield tasks[start:]
 
 
 def decode_tasks(blob: bytes | bytearray) -> list[Task]:

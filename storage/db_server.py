@@ -33,13 +33,13 @@ import msgspec
 from storage import db_wire
 from storage.database import Database
 from storage.errors import StorageError
-from storage.history import TaskHistory
+from storage.history import DEFAULT_QUERY_MAX_BYTES, TaskHistory
 from storage.model import Counters, Task
 from storage.snapshots import SnapshotStore
 
 _TASKS = msgspec.msgpack.Decoder(list[Task])
 _PR_SET_PDEATHSIG = 1
-_TAKE_ATTACHMENT = frozenset({"snapshot_write"})
+_TAKE_ATTACHMENT = frozenset({"snapshot_write", "snapshot_slice"})
 _HANDLER_THREADS = 8  # requests in progress at once: more wait in the pool's queue
 
 
@@ -67,7 +67,7 @@ class DatabaseServer:
         self.send = out.send
         self.closing = False
         self._ops: dict[str, Callable[..., Any]] = {
-            "append": lambda blob: self.history.append(_TASKS.decode(blob)),
+            "append": lambda blob, batch_id="": self.history.append(_TASKS.decode(blob), batch_id),
             "append_dedup": lambda blob: self.history.append_dedup(_TASKS.decode(blob)),
             "get": self._get,
             "query": self._query,
@@ -75,6 +75,9 @@ class DatabaseServer:
             "checkpoint": self.history.checkpoint,
             "count": self.history.count,
             "snapshot_write": self._snapshot_write,
+            "snapshot_begin": self.snapshots.begin,
+            "snapshot_slice": self.snapshots.append_slice,
+            "snapshot_commit": self._snapshot_commit,
             "snapshot_load": self._snapshot_load,
         }
 
@@ -99,12 +102,15 @@ class DatabaseServer:
         task = self.history.get(task_id)
         return None if task is None else msgspec.msgpack.encode(task)
 
-    def _query(self, sql: str, timeout: float) -> list[Any]:
-        result = self.history.query_result(sql, timeout)
+    def _query(self, sql: str, timeout: float, max_bytes: int = DEFAULT_QUERY_MAX_BYTES) -> list[Any]:
+        result = self.history.query_result(sql, timeout, max_bytes)
         return [result.columns, result.rows, result.truncated]
 
     def _snapshot_write(self, counter_values: list[int], wal_segment: int, blob: bytearray) -> int:
         return self.snapshots.write(blob, Counters(*counter_values), wal_segment)
+
+    def _snapshot_commit(self, snapshot_id: int, counter_values: list[int], wal_segment: int, count: int) -> int:
+        return self.snapshots.commit(snapshot_id, Counters(*counter_values), wal_segment, count)
 
     def _snapshot_load(self) -> db_wire.Attached | None:
         loaded = self.snapshots.load_latest_blob()

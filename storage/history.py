@@ -8,27 +8,26 @@ greenlet for 0.3 s. DuckDB 2.0's appender into a TEMP staging table followed by 
 never waiting more than 9 ms. So rows go through the appender; the staging table also gives
 `append_dedup` its anti-join for free.
 
-Reading: `query` runs exactly one SELECT (checked with DuckDB's own parser) inside a READ ONLY
-transaction on a connection with external access disabled, so even a statement that fools the
-check can neither write the database nor touch other files. At most QUERY_MAX_ROWS rows come back.
+Reading: `query` runs exactly one SELECT over task_history (checked on DuckDB's own parse tree, see
+storage.query) inside a READ ONLY transaction on a connection with external access disabled, so even
+a statement that fools the check can neither write the database nor touch other files. The reply is
+bounded in rows (QUERY_MAX_ROWS) and bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import decimal
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import duckdb
 
 from storage.database import Database, fetch_one, transaction
-from storage.errors import QueryRefused, QueryResult, StorageCorrupt, is_corruption
+from storage.errors import QueryResult, StorageCorrupt
 from storage.model import Task
+from storage.query import QUERY_MAX_ROWS, run_query
 
-QUERY_MAX_ROWS = 10_000
+DEFAULT_QUERY_MAX_BYTES = 16 * 1024 * 1024 - 64 * 1024  # the default frame limit less room for the header
 
 HISTORY_COLUMNS_DOC: list[tuple[str, str, str]] = [
     ("task_id", "VARCHAR", "the task's id (as returned by SUBMIT)"),
@@ -82,34 +81,38 @@ class TaskHistory:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def append(self, tasks: Sequence[Task]) -> None:
-        """Appends terminal tasks (one transaction); runs on the writer thread."""
+    def append(self, tasks: Sequence[Task], batch_id: str = "") -> None:
+        """Appends terminal tasks (one transaction); runs on the writer thread.
+
+        With a `batch_id`, the id is recorded in history_batches in the same transaction, and a batch
+        whose id is already there is not written again (a retry after a lost reply)."""
         if tasks:
-            self._db.run_write(_insert_tasks, tasks, False)
+            self._db.run_write(_insert_tasks, tasks, False, batch_id)
 
     def append_dedup(self, tasks: Sequence[Task]) -> None:
         """Like append, skipping task_ids already present: after a crash the WAL replays tasks whose
         history batch may already have been written."""
         if tasks:
-            self._db.run_write(_insert_tasks, tasks, True)
+            self._db.run_write(_insert_tasks, tasks, True, "")
 
-    def get(self, task_id: str) -> Task | None:
+    def get(self, task_id: str, timeout: float | None = None) -> Task | None:
         """The finished task, or None. `payload` is b"" and `lease_ms` 0: history does not keep them."""
         with _naming_history():
-            return self._db.run_read(_get_task, task_id)
+            return self._db.run_read(_get_task, task_id, timeout=timeout)
 
     def query(self, sql: str, timeout: float) -> tuple[list[str], list[list[Any]]]:
         """Runs one read-only SELECT; returns (columns, rows), at most QUERY_MAX_ROWS rows."""
         result = self.query_result(sql, timeout)
         return result.columns, result.rows
 
-    def query_result(self, sql: str, timeout: float) -> QueryResult:
-        """`query`, also telling whether rows were cut at QUERY_MAX_ROWS.
+    def query_result(self, sql: str, timeout: float, max_bytes: int = DEFAULT_QUERY_MAX_BYTES) -> QueryResult:
+        """`query`, also telling whether rows were left out (QUERY_MAX_ROWS, or `max_bytes` of msgpack).
 
-        Raises QueryRefused (not one SELECT, or DuckDB rejected it) or QueryTimeout.
+        Raises QueryRefused (not one allowed SELECT, or DuckDB rejected it; see storage.query) or
+        QueryTimeout.
         """
         with _naming_history():
-            return self._db.run_read(_run_query, sql, timeout=timeout)
+            return self._db.run_read(run_query, sql, max_bytes, timeout=timeout)
 
     def delete_older_than(self, cutoff: float) -> int:
         """Deletes rows whose finished_at is before `cutoff` (unix seconds); returns how many."""
@@ -135,7 +138,7 @@ def _naming_history() -> Iterator[None]:
 # ---------------------------------------------------------------------- thread-side functions
 
 
-def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup: bool) -> None:
+def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup: bool, batch_id: str) -> None:
     rows = [
         (
             t.task_id, t.queue, t.kind, t.priority, t.state, t.attempts, t.max_retries, t.worker_id,
@@ -145,11 +148,15 @@ def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup:
     ]
     conn.execute(_CREATE_STAGING)
     with transaction(conn):
+        if batch_id and fetch_one(conn, "SELECT 1 FROM history_batches WHERE batch_id = $1", [batch_id]):
+            return  # committed before: the reply was lost, not the rows
         appender = conn.appender("history_staging")
         appender.append_rows(rows)
         appender.flush()
         conn.execute(_INSERT_DEDUP if dedup else _INSERT)
         conn.execute("DELETE FROM history_staging")
+        if batch_id:
+            conn.execute("INSERT INTO history_batches VALUES ($1, epoch(now()), $2)", [batch_id, len(rows)])
 
 
 def _get_task(cursor: duckdb.DuckDBPyConnection, task_id: str) -> Task | None:
@@ -173,6 +180,7 @@ def _seconds(micros: int | None) -> float | None:
 
 def _delete_before(conn: duckdb.DuckDBPyConnection, cutoff: float) -> int:
     sql = "DELETE FROM task_history WHERE finished_at < make_timestamp(CAST($1 * 1000000 AS BIGINT))"
+    conn.execute("DELETE FROM history_batches WHERE written_at < $1", [cutoff])  # retries come within minutes
     row = fetch_one(conn, sql, [cutoff])
     return int(row[0]) if row else 0
 
@@ -184,73 +192,6 @@ def _execute(conn: duckdb.DuckDBPyConnection, sql: str) -> None:
 def _count(cursor: duckdb.DuckDBPyConnection) -> int:
     row = fetch_one(cursor, "SELECT count(*) FROM task_history")
     return int(row[0]) if row else 0
-
-
-def _run_query(cursor: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
-    _check_read_only(cursor, sql)
-    try:
-        cursor.execute("BEGIN TRANSACTION READ ONLY")
-        cursor.execute(sql)
-        columns = [d[0] for d in cursor.description or []]
-        rows = cursor.fetchmany(QUERY_MAX_ROWS + 1)
-    except duckdb.InterruptException:
-        raise
-    except duckdb.Error as exc:
-        if is_corruption(str(exc)):
-            raise  # Database.run_read names the file: the SQL is fine, the history is damaged
-        raise QueryRefused(str(exc).strip()) from None
-    truncated = len(rows) > QUERY_MAX_ROWS
-    return QueryResult(columns, [[_plain(v) for v in row] for row in rows[:QUERY_MAX_ROWS]], truncated)
-
-
-def _check_read_only(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Exactly one statement, and DuckDB's parser must call it a SELECT (WITH...SELECT included)."""
-    try:
-        statements = cursor.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise QueryRefused(str(exc).strip()) from None
-    if len(statements) != 1:
-        raise QueryRefused(f"QUERY takes exactly one SELECT statement, got {len(statements)} statements")
-    kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
-        raise QueryRefused(f"QUERY is read-only: only SELECT is allowed, got {kind.name}")
-
-
-def _iso(value: datetime.date | datetime.time) -> str:
-    return value.isoformat()
-
-
-_CONVERTERS: dict[type, Callable[[Any], Any]] = {
-    datetime.datetime: _iso,
-    datetime.date: _iso,
-    datetime.time: _iso,
-    datetime.timedelta: lambda v: v.total_seconds(),
-    decimal.Decimal: float,
-    uuid.UUID: str,
-    bytearray: bytes,
-    memoryview: bytes,
-}
-
-
-def _plain(value: Any) -> Any:
-    """Makes a DuckDB result value msgpack-friendly: ISO strings for times, float for DECIMAL and
-    INTERVAL (seconds), str for UUID and out-of-range integers, lists/dicts recursively."""
-    if value is None or isinstance(value, str | bytes | bool | float):
-        return value
-    if isinstance(value, int):
-        return value if -(2**63) <= value < 2**64 else str(value)
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {_plain_key(k): _plain(v) for k, v in value.items()}
-    converter = _CONVERTERS.get(type(value))
-    return converter(value) if converter is not None else str(value)
-
-
-def _plain_key(key: Any) -> Any:
-    """A MAP key: as `_plain`, but a list (unhashable) becomes its string form."""
-    plain = _plain(key)
-    return str(key) if isinstance(plain, list) else plain
 
 
 __all__ = ["HISTORY_COLUMNS_DOC", "QUERY_MAX_ROWS", "QueryResult", "TaskHistory"]

@@ -3,8 +3,10 @@
 A snapshot is the set of live tasks and the counters at one instant, plus `wal_segment`: replay
 starts at that segment (the queue actor rotates the WAL and copies its tasks in the same message,
 so every change before the copy is in lower segments and every change after it is in that segment
-or later). The newest snapshot replaces the older ones in one transaction: at any moment exactly
-one complete snapshot exists.
+or later). It is written in slices (`begin`, `append_slice` per slice, `commit`), so neither process
+ever holds more than one slice of it: slices are staged in snapshot_tasks under a new snapshot_id
+that nothing reads until `commit` adds its `snapshots` row and deletes the older snapshot in one
+transaction. At any moment exactly one complete snapshot exists.
 
 Speed (measured here, DuckDB 2.0, 100-byte payloads, see the module tests and README):
 - The caller hands over one `msgspec.msgpack.encode(list[Task])` blob (a consistent copy, made in
@@ -27,8 +29,11 @@ from storage.database import Database, StorageError, fetch_one, transaction
 from storage.errors import StorageCorrupt
 from storage.model import Counters, Task
 
-SNAPSHOT_FORMAT_VERSION = 1
-_READABLE_FORMATS = frozenset({1})
+SNAPSHOT_FORMAT_VERSION = 2  # 2: rows in per-slice tables behind the snapshot_tasks view; 1: in its table
+_READABLE_FORMATS = frozenset({1, 2})
+_SLICE_TABLE = "snapshot_slice_{}_{:06d}"
+_SLICE_TABLES = ("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' "
+                 "AND table_name LIKE 'snapshot_slice_%' ORDER BY table_name")
 _TASK_FIELDS: tuple[str, ...] = Task.__struct_fields__
 _COUNTER_FIELDS: tuple[str, ...] = Counters.__struct_fields__
 _SLICE_ROWS = 20_000  # decode+append this many tasks per step: bounds GIL hold time and buffer memory
@@ -58,10 +63,26 @@ class SnapshotStore:
     def write(self, tasks_blob: bytes | bytearray, counters: Counters, wal_segment: int) -> int:
         """Stores the tasks in `tasks_blob` (msgpack of list[Task]) as the only snapshot; returns its id.
 
-        Runs on the writer thread; the older snapshot is deleted in the same transaction.
+        One slice: `begin`, `append_slice`, `commit`. The older snapshot goes only at the commit.
         """
+        snapshot_id = self.begin()
+        count = self.append_slice(snapshot_id, tasks_blob)
+        return self.commit(snapshot_id, counters, wal_segment, count)
+
+    def begin(self) -> int:
+        """A new snapshot id to stage slices under; rows of an abandoned staging (a snapshot that failed
+        half-way) are deleted. Staged rows are invisible to loading until `commit`."""
+        return self._db.run_write(_begin_snapshot)
+
+    def append_slice(self, snapshot_id: int, tasks_blob: bytes | bytearray) -> int:
+        """Stages the tasks of one msgpack list[Task] slice (one transaction); returns how many."""
+        return self._db.run_write(_append_slice, snapshot_id, tasks_blob)
+
+    def commit(self, snapshot_id: int, counters: Counters, wal_segment: int, task_count: int) -> int:
+        """Makes the staged snapshot the only one (one transaction), after checking it holds
+        `task_count` tasks; returns its id."""
         counter_values = [getattr(counters, name) for name in _COUNTER_FIELDS]
-        return self._db.run_write(_write_snapshot, tasks_blob, counter_values, wal_segment)
+        return self._db.run_write(_commit_snapshot, snapshot_id, counter_values, wal_segment, task_count)
 
     def load_latest(self) -> tuple[list[Task], Counters, int] | None:
         """(tasks, counters, wal_segment) of the newest snapshot, or None if there is none."""
@@ -73,26 +94,72 @@ class SnapshotStore:
         return self._db.run_read(_load_latest_blob, str(self._db.path))
 
 
-def _write_snapshot(
-    conn: duckdb.DuckDBPyConnection, blob: bytes, counter_values: list[int], wal_segment: int
-) -> int:
-    raws = _RAW_LIST.decode(blob)
+def _slice_tables(conn: duckdb.DuckDBPyConnection) -> dict[int, list[str]]:
+    """Slice tables by snapshot id, in slice order."""
+    tables: dict[int, list[str]] = {}
+    for (name,) in conn.execute(_SLICE_TABLES).fetchall():
+        tables.setdefault(int(name.split("_")[2]), []).append(name)
+    return tables
+
+
+def _begin_snapshot(conn: duckdb.DuckDBPyConnection) -> int:
+    """Drops slices of snapshots never committed, then creates the new snapshot's (empty) slice 0."""
     with transaction(conn):
-        row = fetch_one(conn, "SELECT coalesce(max(snapshot_id), 0) + 1 FROM snapshots")
-        snapshot_id = int(row[0]) if row else 1
-        _append_tasks(conn, snapshot_id, raws)
-        conn.execute(
-            _INSERT_SNAPSHOT,
-            [snapshot_id, SNAPSHOT_FORMAT_VERSION, time.time(), wal_segment, *counter_values, len(raws)],
-        )
-        conn.execute("DELETE FROM snapshot_tasks WHERE snapshot_id < $1", [snapshot_id])
-        conn.execute("DELETE FROM snapshots WHERE snapshot_id < $1", [snapshot_id])
+        row = fetch_one(conn, "SELECT coalesce(max(snapshot_id), 0) FROM snapshots")
+        committed = int(row[0]) if row else 0
+        for snapshot_id, names in _slice_tables(conn).items():
+            if snapshot_id > committed:
+                for name in names:
+                    conn.execute(f"DROP TABLE {name}")
+        snapshot_id = committed + 1
+        _create_slice(conn, snapshot_id, 0)
     return snapshot_id
 
 
-def _append_tasks(conn: duckdb.DuckDBPyConnection, snapshot_id: int, raws: list[msgspec.Raw]) -> None:
+def _create_slice(conn: duckdb.DuckDBPyConnection, snapshot_id: int, number: int) -> str:
+    name = _SLICE_TABLE.format(snapshot_id, number)
+    conn.execute(f"CREATE TABLE {name} AS SELECT * FROM snapshot_tasks_v1 WITH NO DATA")
+    return name
+
+
+def _append_slice(conn: duckdb.DuckDBPyConnection, snapshot_id: int, blob: bytes | bytearray) -> int:
+    """A table of its own per slice: DuckDB checkpoints a table's growing row group whole, so one table
+    of large payloads needed memory for all of them (a 256 MB limit failed at ~240 MiB of payloads)."""
+    raws = _RAW_LIST.decode(blob)
+    with transaction(conn):
+        name = _create_slice(conn, snapshot_id, len(_slice_tables(conn).get(snapshot_id, [])))
+        _append_tasks(conn, snapshot_id, raws, name)
+    return len(raws)
+
+
+def _commit_snapshot(
+    conn: duckdb.DuckDBPyConnection, snapshot_id: int, counter_values: list[int], wal_segment: int, task_count: int
+) -> int:
+    with transaction(conn):
+        tables = _slice_tables(conn)
+        names = tables.get(snapshot_id, [])
+        if not names:
+            raise StorageError(f"snapshot {snapshot_id} was not begun (no slice tables)")
+        union = " UNION ALL ".join(f"SELECT * FROM {name}" for name in names)
+        row = fetch_one(conn, f"SELECT count(*) FROM ({union})")
+        _check_count(snapshot_id, task_count, int(row[0]) if row else 0)
+        conn.execute(f"CREATE OR REPLACE VIEW snapshot_tasks AS {union}")
+        conn.execute(
+            _INSERT_SNAPSHOT,
+            [snapshot_id, SNAPSHOT_FORMAT_VERSION, time.time(), wal_segment, *counter_values, task_count],
+        )
+        conn.execute("DELETE FROM snapshots WHERE snapshot_id < $1", [snapshot_id])
+        conn.execute("DELETE FROM snapshot_tasks_v1")
+        for other, old in tables.items():
+            if other < snapshot_id:
+                for name in old:
+                    conn.execute(f"DROP TABLE {name}")
+    return snapshot_id
+
+
+def _append_tasks(conn: duckdb.DuckDBPyConnection, snapshot_id: int, raws: list[msgspec.Raw], table: str) -> None:
     """Decodes and appends in slices so the hub thread gets the GIL between them."""
-    appender = conn.appender("snapshot_tasks", columns=["snapshot_id", *_TASK_FIELDS])
+    appender = conn.appender(table, columns=["snapshot_id", *_TASK_FIELDS])
     decode, astuple = _TASK.decode, msgspec.structs.astuple
     for start in range(0, len(raws), _SLICE_ROWS):
         rows = [(snapshot_id, *astuple(decode(raw))) for raw in raws[start : start + _SLICE_ROWS]]

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import msgspec
 import pytest
 
 from actors.cli import build_parser, client_settings, format_table, main
+from storage.errors import QueryResult
 from transport import messages as m
 
 try:  # tests/ may or may not become a package; the fake broker lives next to this file either way
@@ -110,9 +110,9 @@ def test_sql_falls_back_to_the_offline_query_when_the_broker_is_unreachable(
 ) -> None:
     asked: list[str] = []
 
-    def offline(sql: str, data_dir: str | None) -> tuple[list[str], list[list[Any]]]:
+    def offline(sql: str, data_dir: str | None) -> QueryResult:
         asked.append(sql)
-        return ["state", "n"], [["completed", 3]]
+        return QueryResult(["state", "n"], [["completed", 3]])
 
     assert main(["sql", "SELECT 1", "--port", str(free_port())], offline_query=offline) == 0
     out = capsys.readouterr()

@@ -56,7 +56,7 @@ def test_refused_and_timed_out_queries_keep_their_error_types(db: DatabaseProces
 def test_a_snapshot_round_trips_through_the_process(db: DatabaseProcess) -> None:
     assert db.snapshots.load_latest() is None
     tasks = [finished_task(i) for i in range(5)]
-    db.snapshots.write(msgspec.msgpack.encode(tasks), Counters(5, 4, 3, 2, 1), 9)
+    db.snapshots.write(tasks, Counters(5, 4, 3, 2, 1), 9)
     assert db.snapshots.load_latest() == (tasks, Counters(5, 4, 3, 2, 1), 9)
 
 
@@ -110,9 +110,8 @@ def test_a_big_history_batch_goes_through_while_other_greenlets_run(db: Database
 
 def test_a_big_snapshot_is_written_and_loaded_while_other_greenlets_run(db: DatabaseProcess) -> None:
     tasks = [finished_task(i) for i in range(60_000)]
-    blob = msgspec.msgpack.encode(tasks)
     with hub_gaps() as gaps:
-        db.snapshots.write(blob, Counters(), 1)
+        db.snapshots.write(tasks, Counters(), 1)
         loaded = db.snapshots.load_latest()
     assert loaded is not None and loaded[0] == tasks
     assert max(gaps) < 0.25

@@ -282,3 +282,7 @@ class Client:
         """Run one read-only SQL statement over the task history: `(columns, rows)`."""
         rows = self._call(m.Rows, m.Query, sql=sql)
         return rows.columns, rows.rows
+
+    def query_rows(self, sql: str) -> m.Rows:
+        """`query`, as the ROWS reply itself (with `truncated`: rows were left out)."""
+        return self._call(m.Rows, m.Query, sql=sql)

@@ -79,10 +79,17 @@ class InternalError(BrokerError):
     code = ErrorCode.INTERNAL
 
 
+class Unavailable(BrokerError):
+    """v1.1: the broker could not read task history just now (its database is restarting or stalled);
+    the task may well exist. Retry later."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 ERROR_CLASSES: dict[str, type[BrokerError]] = {
     cls.code: cls
     for cls in (BadFrame, FrameTooLarge, UnknownType, BadRequest, Unauthorized, QueueFull, NotFound,
-                InvalidState, NotLeased, TooManyConnections, ShuttingDown, InternalError)
+                InvalidState, NotLeased, TooManyConnections, ShuttingDown, InternalError, Unavailable)
 }
 
 

@@ -301,6 +301,7 @@ class Rows(Message, frozen=True):
     id: int
     columns: list[str]
     rows: list[list[Any]]
+    truncated: bool = False  # v1.1: rows were left out (row cap or frame size); docs/protocol.md
 
 
 class Error(Message, frozen=True):
@@ -346,3 +347,4 @@ class ErrorCode:
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"  # v1.1: history cannot be read right now; retry (docs/protocol.md)

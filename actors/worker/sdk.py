@@ -46,7 +46,7 @@ from transport import messages as m
 from transport.backoff import backoff_delay
 from transport.client import Client
 from transport.client_settings import ClientSettings
-from transport.errors import ClientError, ConnectionLost
+from transport.errors import ClientError, ConnectionLost, Unavailable
 
 __all__ = [
     "Reject",
@@ -210,16 +210,17 @@ class TaskHandle:
         Polls STATUS, starting at 10 ms and doubling to 0.5 s, so short tasks answer quickly and long
         ones cost two requests a second. Raises TaskFailed (with the worker's error text), TaskCancelled,
         or TimeoutError once `timeout` seconds passed (None waits for ever). A broker that is briefly
-        unreachable (a restart) is polled again until the deadline.
+        unreachable (a restart), or answers UNAVAILABLE (its history cannot be read just now), is polled
+        again until the deadline.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         polls = 0
-        last_error: ClientError | None = None
+        last_error: ClientError | Unavailable | None = None
         while True:
             try:
                 info = self.status()
                 last_error = None
-            except ClientError as exc:
+            except (ClientError, Unavailable) as exc:  # Unavailable: history unreadable for now
                 info, last_error = None, exc
             if info is not None and info.state in TaskState.TERMINAL:
                 return _outcome(info)
