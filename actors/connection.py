@@ -45,11 +45,12 @@ from transport.messages import (
     Welcome,
     Workers,
 )
+from transport.messages_ops import ADMIN_REQUESTS, PROTOCOL_VERSION
 
 log = logging.getLogger("tqbroker.connection")
 
 RECV_BYTES = 64 * 1024  # under glibc's mmap threshold, so a read costs no mmap+munmap
-_QUEUE_REQUESTS = (Submit, SubmitBatch, Claim, Result, Status, Cancel)
+_QUEUE_REQUESTS = (Submit, SubmitBatch, Claim, Result, Status, Cancel, *ADMIN_REQUESTS)
 _REGISTRY_REQUESTS = (Register, Deregister, Heartbeat, Stats, Workers)
 
 
@@ -158,7 +159,7 @@ class Session:
             return Error(id=msg.id, code=ErrorCode.BAD_REQUEST,
                          message=f"protocol {msg.protocol} is not supported; this broker speaks protocol 1")
         s = self.ctx.settings
-        return Welcome(id=msg.id, server=self.ctx.server_name, protocol=1,
+        return Welcome(id=msg.id, server=self.ctx.server_name, protocol=1, version=PROTOCOL_VERSION,
                        heartbeat_interval_ms=int(s.worker.heartbeat_interval_secs * 1000),
                        max_batch_claim=s.broker.max_batch_claim)
 

@@ -17,6 +17,7 @@ from typing import Any
 import gevent
 import msgspec
 
+from actors import queue_admin
 from actors import task_states as states
 from actors.answers import (
     Outbox,
@@ -45,11 +46,12 @@ from actors.envelopes import (
 from actors.history_link import HistoryLink, HistoryWritten
 from actors.hub_actor import HubActor
 from actors.metrics import BrokerMetrics
+from actors.queue_ops import QueueOps
 from actors.task_index import TaskIndex
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
-from storage.model import Counters, LeasesRenewed, Task, TaskState, WalRecord, apply_record
+from storage.model import Counters, LeasesRenewed, QueueSettings, Task, TaskDied, TaskState, WalRecord, apply_record
 from transport.messages import (
     Assigned,
     Assignment,
@@ -82,7 +84,7 @@ class QueueActor(HubActor):
     def __init__(
         self, settings: Settings, wal: Any = None, history: HistoryLink | None = None,
         recovered: tuple[dict[str, Task], Counters] | None = None, registry: Any = None,
-        metrics: BrokerMetrics | None = None,
+        metrics: BrokerMetrics | None = None, queue_settings: dict[str, QueueSettings] | None = None,
     ) -> None:
         super().__init__()
         b = settings.broker
@@ -105,7 +107,9 @@ class QueueActor(HubActor):
         self.started = time.time()
         self.known_workers: set[str] = set()
         self.recent: OrderedDict[str, Task] = OrderedDict()
-        self.waiters = ClaimWaiters(self.index.has_pending, self._claim, self._reply)
+        p = settings.persistence
+        self.ops = QueueOps(p.dead_set_max, p.dead_set_retention_days * 86400, queue_settings, time.time())
+        self.waiters = ClaimWaiters(self._claimable, self._claim, self._reply)
         self.shutting_down = False
         self._records: list[WalRecord] = []
         self._outbox: Outbox = {}
@@ -127,11 +131,16 @@ class QueueActor(HubActor):
             if n % 10_000 == 0:
                 gevent.sleep(0)  # keep /healthz answering while a large queue is rebuilt
             self.index.tasks[task.task_id] = task
+            if task.state == TaskState.FAILED:  # in the dead set: not claimable, no unique key
+                continue
             self.index.enter(task)
             self.index.add_unique(task)
             self.ready_seq = max(self.ready_seq, task.ready_seq)
             if task.worker_id:
                 self.known_workers.add(task.worker_id)
+        dead = sorted((t for t in tasks.values() if t.state == TaskState.FAILED), key=lambda t: t.finished_at or 0)
+        for task in dead:
+            self.ops.add_dead(task.task_id)
         for worker_id in self.known_workers:  # their heartbeat clock starts now, so silent ones die
             if self.registry is not None:
                 self.registry.tell(WorkerSeen(worker_id=worker_id, recovered=True))
@@ -239,7 +248,7 @@ class QueueActor(HubActor):
 
     def _claim(self, worker_id: str, queues: list[str], limit: int, now: float) -> list[Assignment]:
         assignments = []
-        for task in self.index.claim_order(queues, limit):
+        for task in self.ops.claim_order(self.index, queues, limit, now):
             self.metrics.claim_wait.observe(max(now - task.run_at, 0.0))
             self._change(task, states.claim(task, worker_id, now))
             assignments.append(Assignment(
@@ -357,7 +366,9 @@ class QueueActor(HubActor):
             self._change(task, states.promote(task, self.ready_seq))
         self.waiters.expire(now)
         self.history.flush_due(now)
-        if now - self._gauges_at >= self.gauge_interval_s:
+        maintenance = now - self._gauges_at >= self.gauge_interval_s
+        queue_admin.on_tick(self, now, maintenance)
+        if maintenance:
             self._gauges_at = now
             self._refresh_gauges()
 
@@ -390,6 +401,8 @@ class QueueActor(HubActor):
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
         """A consistent image: the WAL rotates first, so the image covers every earlier segment."""
         segment = self.wal.rotate() if self.wal is not None else 0
+        if self.wal is not None and self.ops.settings:
+            self.wal.append(self.ops.image())  # the new segment restores queue settings (see QueueOps.image)
         tasks = list(self.index.tasks.values())
         return SnapshotData(
             tasks_blob=msgspec.msgpack.encode(tasks), task_count=len(tasks),
@@ -419,12 +432,15 @@ class QueueActor(HubActor):
     def _change(self, task: Task, record: WalRecord) -> None:
         """Applies one state-machine record to the task and the indexes, and queues it for the WAL."""
         self.index.leave(task)
+        record = self.ops.keep_dead(record)  # failed for good: TaskDied keeps it in the dead set
         finished = apply_record(record, self.index.tasks, self.counters)
         self._records.append(record)  # before any claim it triggers: replay must see the same order
         if getattr(record, "retried", False):
             self.metrics.retried.inc()
         if finished is not None:
             self._finished(finished)
+            if isinstance(record, TaskDied):
+                queue_admin.task_died(self, task.task_id, finished.finished_at or 0.0)
             return
         self.index.enter(task)
         if task.state == TaskState.PENDING:
@@ -437,6 +453,11 @@ class QueueActor(HubActor):
         if len(self.recent) > RECENT_FINISHED:
             self.recent.popitem(last=False)
         self.history.add(task)
+
+    def _claimable(self, queues: Any) -> bool:
+        """Whether a claim on `queues` would get a task now (pending, not paused, within its rate limit)."""
+        now = time.time()
+        return any(self.ops.claimable(self.index, q, now) for q in queues)
 
     def _reply(self, reply_to: Any, message: Message) -> None:
         key = reply_to.actor_urn
@@ -464,7 +485,7 @@ class QueueActor(HubActor):
 
     _request_handlers: dict[type, Any] = {
         Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,
-        Status: _on_status, Cancel: _on_cancel,
+        Status: _on_status, Cancel: _on_cancel, **queue_admin.HANDLERS,
     }
     _handlers: dict[type, Any] = {
         QueueRequests: _on_requests, RenewLeases: _on_renew, ExpireLeases: _on_expire_leases,
