@@ -300,6 +300,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     sql = sub.add_parser("sql", parents=[common], help="read-only SQL over the task history")
     sql.add_argument("query", metavar="SQL")
     sql.add_argument("--csv", action="store_true", help="CSV output")
+    from actors.cli_queues import add_parsers  # queue operations; imports this module, so not at the top
+
+    add_parsers(sub, common)
     return parser
 
 
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None, offline_query: OfflineQuery | None = Non
     except SystemExit as exc:  # argparse already printed usage and the problem
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        COMMANDS[args.command](args, offline_query)
+        (COMMANDS.get(args.command) or args.run)(args, offline_query)
         return 0
     except BrokenPipeError:  # `... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

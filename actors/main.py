@@ -18,6 +18,7 @@ import gevent.event
 from config.settings import ConfigError, Settings, load_settings, settings_summary
 
 CLIENT_COMMANDS = {"stats", "workers", "status", "cancel", "submit", "sql"}
+QUEUE_COMMANDS = {"queues", "pause", "resume", "ratelimit", "purge", "dead", "requeue", "dead-delete"}  # cli_queues
 
 log = logging.getLogger("tqbroker")
 
@@ -47,7 +48,7 @@ def load_broker_settings(argv: list[str]) -> Settings:
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in CLIENT_COMMANDS:
+    if argv and (argv[0] in CLIENT_COMMANDS or argv[0] in QUEUE_COMMANDS):
         from actors.cli import main as cli_main
 
         return cli_main(argv, offline_query=_offline_query)

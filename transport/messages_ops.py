@@ -18,7 +18,7 @@ RatePerSecond = Annotated[float, Meta(gt=0, le=1_000_000)]
 PageLimit = Annotated[int, Meta(ge=1, le=1000)]
 
 
-class QueueInfo(Struct, frozen=True, omit_defaults=True):
+class QueueInfo(Struct, frozen=True):
     """One named queue: live counts, dead tasks, and its operator settings."""
 
     name: str
