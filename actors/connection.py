@@ -20,6 +20,7 @@ from typing import Any
 import gevent
 import pykka
 
+from actors.browse_history import history_page
 from actors.context import BrokerContext
 from actors.envelopes import ConnectionClosed, QueueRequests, RegistryRequest, Replies
 from actors.hub_actor import HubActor
@@ -45,7 +46,7 @@ from transport.messages import (
     Welcome,
     Workers,
 )
-from transport.messages_ops import ADMIN_REQUESTS, PROTOCOL_VERSION
+from transport.messages_ops import ADMIN_REQUESTS, HISTORY_STATES, PROTOCOL_VERSION, Browse
 
 log = logging.getLogger("tqbroker.connection")
 
@@ -114,7 +115,10 @@ class Session:
                     self._send(direct, close=True)
                     return False
                 continue
-            if isinstance(msg, _QUEUE_REQUESTS):
+            if isinstance(msg, Browse) and msg.state in HISTORY_STATES:  # read from task_history, not memory
+                self.state.in_flight += 1
+                gevent.spawn(self._query, msg)
+            elif isinstance(msg, _QUEUE_REQUESTS):
                 to_queue.append(msg)
                 if isinstance(msg, Claim) and msg.wait_ms > 0:
                     self.state.waiting_claims.add(msg.id)
@@ -163,11 +167,14 @@ class Session:
                        heartbeat_interval_ms=int(s.worker.heartbeat_interval_secs * 1000),
                        max_batch_claim=s.broker.max_batch_claim)
 
-    def _query(self, msg: Query) -> None:
+    def _query(self, msg: Query | Browse) -> None:
         reply: Message
         try:
-            columns, rows = self.ctx.run_query(msg.sql)
-            reply = Rows(id=msg.id, columns=columns, rows=rows)
+            if isinstance(msg, Browse):
+                reply = history_page(self.ctx.run_query, msg)
+            else:
+                columns, rows = self.ctx.run_query(msg.sql)
+                reply = Rows(id=msg.id, columns=columns, rows=rows)
         except Exception as exc:  # QueryRefused / QueryTimeout / no history: all user-facing text
             code = getattr(exc, "code", ErrorCode.BAD_REQUEST)
             reply = Error(id=msg.id, code=code, message=getattr(exc, "message", None) or str(exc))

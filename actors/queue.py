@@ -30,6 +30,7 @@ from actors.answers import (
     with_running,
     writable_error,  # also imported from here by actors.system
 )
+from actors.browse import BrowsableIndex
 from actors.compactor import PrepareSnapshot, SnapshotData, SnapshotTaken
 from actors.envelopes import (
     ConnectionClosed,
@@ -47,7 +48,6 @@ from actors.history_link import HistoryLink, HistoryWritten
 from actors.hub_actor import HubActor
 from actors.metrics import BrokerMetrics
 from actors.queue_ops import QueueOps
-from actors.task_index import TaskIndex
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
@@ -100,7 +100,7 @@ class QueueActor(HubActor):
         self.metrics = metrics or BrokerMetrics()
         self.gauge_interval_s = b.maintenance_interval_secs
         self._gauges_at = 0.0
-        self.index = TaskIndex()
+        self.index = BrowsableIndex()  # a TaskIndex that can also page through live tasks (BROWSE)
         self.counters = Counters()
         self.ids = states.TaskIds()
         self.ready_seq = 0

@@ -12,9 +12,11 @@ from typing import Any
 
 from actors import task_states as states
 from actors.answers import task_info
+from actors.browse import live_page
 from storage.model import DeadRemoved, QueueSettingsSet, Task, TasksRequeued, TaskState, apply_record
 from transport.messages import Error, ErrorCode, Message, Ok
 from transport.messages_ops import (
+    Browse,
     Count,
     DeadList,
     DeadPage,
@@ -27,6 +29,7 @@ from transport.messages_ops import (
     RateLimit,
     Requeue,
     Resume,
+    TaskPage,
 )
 
 log = logging.getLogger("tqbroker.queue")
@@ -154,6 +157,22 @@ def on_dead_list(a: Actor, req: DeadList, reply_to: Any, now: float) -> Message:
     return DeadPage(id=req.id, tasks=page)
 
 
+def on_browse(a: Actor, req: Browse, reply_to: Any, now: float) -> Message:
+    """A page of live tasks (scheduled, pending, running, dead); terminal states are read from history
+    by the connection (actors.browse_history) and never reach the actor."""
+    after = None
+    if req.cursor is not None:
+        if not (req.cursor.startswith("l:") and req.cursor[2:].isdigit()):
+            return Error(id=req.id, code=ErrorCode.BAD_REQUEST,
+                         message=f"cursor {req.cursor[:40]!r} is not one this broker gave for state {req.state}; "
+                                 "pass the `next` of the previous page")
+        after = int(req.cursor[2:])
+    tasks, next_key = live_page(a.index, a.ops.dead, req.state, req.queue, req.kind, req.limit, after,
+                                req.newest_first)
+    return TaskPage(id=req.id, tasks=[task_info(t) for t in tasks],
+                    next=None if next_key is None else f"l:{next_key}")
+
+
 def on_queues(a: Actor, req: Queues, reply_to: Any, now: float) -> Message:
     dead = a.ops.dead_counts(a.index.tasks)
     names = sorted(set(a.index.counts) | set(a.ops.settings) | set(dead))
@@ -206,5 +225,5 @@ def on_tick(a: Actor, now: float, maintenance: bool) -> None:
 
 HANDLERS: dict[type, Any] = {
     Pause: on_pause, Resume: on_resume, RateLimit: on_rate_limit, Purge: on_purge, Requeue: on_requeue,
-    DeleteDead: on_delete_dead, DeadList: on_dead_list, Queues: on_queues,
+    DeleteDead: on_delete_dead, DeadList: on_dead_list, Queues: on_queues, Browse: on_browse,
 }

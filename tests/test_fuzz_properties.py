@@ -117,6 +117,9 @@ VALID.update({  # protocol 1.1: queue operations (transport/messages_ops.py)
     ops.DeadList: st.builds(ops.DeadList, id=u32, queue=st.none() | queue_name, kind=st.none() | text200,
                             limit=st.integers(1, 1000), after=st.none() | st.integers(0, 2**40),
                             newest_first=st.booleans()),
+    ops.Browse: st.builds(ops.Browse, id=u32, state=st.sampled_from(["pending", "dead", "completed"]),
+                          queue=st.none() | queue_name, kind=st.none() | text200, limit=st.integers(1, 1000),
+                          cursor=st.none() | st.text(max_size=40), newest_first=st.booleans()),
 })
 REQUEST_CLASSES = sorted(REQUEST_TYPES.values(), key=lambda cls: cls.type_byte)
 

@@ -187,3 +187,56 @@ def test_queue_settings_and_the_dead_set_survive_a_snapshot_and_a_sigterm_restar
     c = broker.client()
     assert {q.name: q for q in c.queues()}["paused-q"].paused
     assert [t.task_id for t in c.dead().tasks] == [dead_id]
+
+
+# ------------------------------------------------------------------ browse
+
+
+def all_pages(c, state: str, limit: int, **kw) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    pages, cursor = [], None
+    while True:
+        page = c.browse(state, limit=limit, cursor=cursor, **kw)
+        pages.append([t.task_id for t in page.tasks])
+        if page.next is None:
+            return pages
+        cursor = page.next
+
+
+def test_browsing_pending_pages_through_every_task_once_in_the_order_they_became_pending(
+    broker: BrokerProcess,
+) -> None:
+    c = broker.client()
+    ids = c.submit_batch([TaskSpec(kind="a" if i % 3 else "b", queue=f"q{i % 2}") for i in range(25)])
+    c.claim(W, ["q0"], max_tasks=2, wait_ms=0)  # the first two of q0 (ids[0], ids[2]) are running now
+    expected = [i for n, i in enumerate(ids) if n not in (0, 2)]
+    pages = all_pages(c, "pending", limit=10)
+    assert [len(p) for p in pages] == [10, 10, 3] and sum(pages, []) == expected
+    assert sum(all_pages(c, "pending", limit=4, newest_first=True), []) == expected[::-1]
+    assert sum(all_pages(c, "pending", limit=5, queue="q1"), []) == ids[1::2]
+    assert sum(all_pages(c, "pending", limit=5, queue="q1", kind="b"), []) == [i for n, i in enumerate(ids)
+                                                                              if n % 2 == 1 and n % 3 == 0]
+    assert sorted(t.task_id for t in c.browse("running").tasks) == sorted([ids[0], ids[2]])
+
+
+def test_browsing_scheduled_and_finished_tasks_reads_memory_and_then_history(broker: BrokerProcess) -> None:
+    c = broker.client()
+    later = [c.submit("k", b"", queue="q", run_at=4_000_000_000 + i).task_id for i in range(3)]
+    assert [t.task_id for t in c.browse("scheduled", queue="q").tasks] == later
+    done = []
+    for _ in range(5):
+        task_id = c.submit("k", b"", queue="q").task_id
+        c.claim(W, ["q"], max_tasks=1, wait_ms=0)
+        c.complete(W, task_id, b"ok")
+        done.append(task_id)
+    wait_for(lambda: c.query("SELECT count(*) FROM task_history")[1][0][0] == 5)
+    assert sum(all_pages(c, "completed", limit=2, queue="q"), []) == done
+    assert sum(all_pages(c, "completed", limit=3, newest_first=True), []) == done[::-1]
+    assert c.browse("cancelled").tasks == []
+
+
+def test_a_cursor_the_broker_did_not_give_is_a_bad_request(broker: BrokerProcess) -> None:
+    c = broker.client()
+    with pytest.raises(BadRequest, match="cursor"):
+        c.browse("pending", cursor="x:1")
+    with pytest.raises(BadRequest, match="cursor"):
+        c.browse("completed", cursor="h:nope:1")

@@ -318,3 +318,9 @@ class Client:
         """One page of the dead set; pass the page's `next` as `after` for the following one."""
         return self._call(ops.DeadPage, ops.DeadList, queue=queue, kind=kind, limit=limit, after=after,
                           newest_first=newest_first)
+
+    def browse(self, state: str, *, queue: str | None = None, kind: str | None = None, limit: int = 100,
+               cursor: str | None = None, newest_first: bool = False) -> ops.TaskPage:
+        """One page of tasks in `state`; pass the page's `next` as `cursor` for the following one."""
+        return self._call(ops.TaskPage, ops.Browse, state=state, queue=queue, kind=kind, limit=limit,
+                          cursor=cursor, newest_first=newest_first)

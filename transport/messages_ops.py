@@ -6,7 +6,7 @@ sends is bounded here, like in `transport.messages`.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from msgspec import Meta, Struct
 
@@ -98,6 +98,24 @@ class DeadList(Message, frozen=True):
     newest_first: bool = False
 
 
+BrowseState = Literal["scheduled", "pending", "running", "dead", "completed", "failed", "cancelled"]
+
+
+class Browse(Message, frozen=True):
+    """A page of tasks in one state. Live states (scheduled, pending, running, dead) come from the broker's
+    memory, in the order they entered that state; terminal ones from task_history by finished_at.
+    `cursor`: the `next` of the previous page (opaque)."""
+
+    type_byte: ClassVar[int] = 0x18
+    id: U32
+    state: BrowseState
+    queue: QueueName | None = None
+    kind: Text200 | None = None
+    limit: PageLimit = 100
+    cursor: Annotated[str, Meta(max_length=400)] | None = None
+    newest_first: bool = False
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -124,6 +142,20 @@ class DeadPage(Message, frozen=True):
     next: int | None = None
 
 
-OPS_REQUESTS: tuple[type[Message], ...] = (Pause, Resume, RateLimit, Purge, Requeue, DeleteDead, Queues, DeadList)
-OPS_RESPONSES: tuple[type[Message], ...] = (Count, QueueList, DeadPage)
-ADMIN_REQUESTS = OPS_REQUESTS  # all go to the queue actor, which owns queue settings and the dead set
+class TaskPage(Message, frozen=True):
+    """`next`: pass it as `cursor` for the following page; absent on the last page. A page may hold fewer
+    than `limit` tasks (a `kind` filter scans a bounded number of entries per request) and still have a
+    `next`."""
+
+    type_byte: ClassVar[int] = 0x58
+    id: int
+    tasks: list[TaskInfo]
+    next: str | None = None
+
+
+OPS_REQUESTS: tuple[type[Message], ...] = (
+    Pause, Resume, RateLimit, Purge, Requeue, DeleteDead, Queues, DeadList, Browse,
+)
+OPS_RESPONSES: tuple[type[Message], ...] = (Count, QueueList, DeadPage, TaskPage)
+ADMIN_REQUESTS = OPS_REQUESTS  # the queue actor owns them (a BROWSE of a terminal state reads task_history)
+HISTORY_STATES = frozenset({"completed", "failed", "cancelled"})
