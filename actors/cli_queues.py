@@ -1,5 +1,5 @@
 """CLI commands for queue operations (protocol 1.1): `queues`, `pause`, `resume`, `purge`, `ratelimit`,
-`dead`, `requeue`, `dead-delete`.
+`tasks`, `dead`, `requeue`, `dead-delete`.
 
 Same rules as `actors.cli`: `--json` for machine output, every failure one `error: ...` line and exit
 status 1. `add_parsers` is called by `actors.cli.build_parser`; each sub-command carries its handler
@@ -69,6 +69,20 @@ def cmd_dead(args: argparse.Namespace, offline_query: OfflineQuery | None) -> No
         print(f"(more: --after {page.next})")
 
 
+def cmd_tasks(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    with _client(args) as client:
+        page = client.browse(args.state, queue=args.queue, kind=args.kind, limit=args.limit, cursor=args.cursor,
+                             newest_first=args.newest)
+    if args.json:
+        return _print_json(page)
+    columns = ["task_id", "queue", "kind", "state", "priority", "attempts", "submitted_at", "error"]
+    rows = [[t.task_id, t.queue, t.kind, t.state, t.priority, t.attempts, _when(t.submitted_at), t.error]
+            for t in page.tasks]
+    print(format_table(columns, rows))
+    if page.next is not None:
+        print(f"(more: --cursor {page.next})")
+
+
 def _dead_targets(args: argparse.Namespace) -> dict[str, Any]:
     if (args.task_id is None) == (not args.all):
         raise CliError("give either TASK_ID or --all (optionally with --queue and --kind)")
@@ -133,6 +147,15 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--after", type=int, metavar="CURSOR", help="the cursor a previous page printed")
     p.add_argument("--newest", action="store_true", help="newest first")
     p.set_defaults(run=cmd_dead)
+    p = sub.add_parser("tasks", parents=[common], help="a page of tasks in one state")
+    p.add_argument("--state", default="pending", choices=["scheduled", "pending", "running", "dead", "completed",
+                                                          "failed", "cancelled"])
+    p.add_argument("--queue")
+    p.add_argument("--kind")
+    p.add_argument("--limit", type=int, default=100, choices=range(1, 1001), metavar="N", help="1-1000")
+    p.add_argument("--cursor", help="the cursor a previous page printed")
+    p.add_argument("--newest", action="store_true", help="newest first")
+    p.set_defaults(run=cmd_tasks)
     for name, run, text in (("requeue", cmd_requeue, "dead tasks back to pending, same id"),
                             ("dead-delete", cmd_dead_delete, "delete dead tasks (history keeps them)")):
         p = sub.add_parser(name, parents=[common], help=text)

@@ -18,7 +18,10 @@ import gevent.event
 from config.settings import ConfigError, Settings, load_settings, settings_summary
 
 CLIENT_COMMANDS = {"stats", "workers", "status", "cancel", "submit", "sql"}
-QUEUE_COMMANDS = {"queues", "pause", "resume", "ratelimit", "purge", "dead", "requeue", "dead-delete"}  # cli_queues
+QUEUE_COMMANDS = {  # actors/cli_queues.py
+    "queues", "pause", "resume", "ratelimit", "purge", "tasks", "dead", "requeue", "dead-delete", "schedules",
+    "schedule",
+}
 
 log = logging.getLogger("tqbroker")
 

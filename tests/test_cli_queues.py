@@ -34,6 +34,8 @@ def test_pause_submit_claims_nothing_and_resume_makes_it_claimable(broker: Broke
     assert c.claim(W, ["media"], max_tasks=1, wait_ms=0) == []
     [row] = cli_json(broker, "queues")
     assert row["name"] == "media" and row["paused"] is True and row["pending"] == 1
+    assert [t["task_id"] for t in cli_json(broker, "tasks", "--queue", "media", "--state", "pending")["tasks"]] == [
+        task_id]
     cli_json(broker, "resume", "media")
     assert [j.task_id for j in c.claim(W, ["media"], max_tasks=1, wait_ms=0)] == [task_id]
 
