@@ -1,5 +1,5 @@
 """CLI commands for queue operations (protocol 1.1): `queues`, `pause`, `resume`, `purge`, `ratelimit`,
-`tasks`, `dead`, `requeue`, `dead-delete`.
+`tasks`, `dead`, `requeue`, `dead-delete`, `schedules`, `schedule add|rm`.
 
 Same rules as `actors.cli`: `--json` for machine output, every failure one `error: ...` line and exit
 status 1. `add_parsers` is called by `actors.cli.build_parser`; each sub-command carries its handler
@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from actors.cli import CliError, OfflineQuery, _client, _print_json, _when, format_table
+import msgspec
+
+from actors.cli import CliError, OfflineQuery, _client, _json_value, _print_json, _priority, _when, format_table
 from transport.errors import NotFound
+from transport.messages import TaskSpec
 
 
 def cmd_queues(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
@@ -111,6 +114,34 @@ def cmd_dead_delete(args: argparse.Namespace, offline_query: OfflineQuery | None
     _dead_op(args, "deleted", lambda c, t: c.delete_dead(t.pop("task_id"), **t))
 
 
+def cmd_schedules(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    with _client(args) as client:
+        schedules = client.schedules()
+    if args.json:
+        return _print_json(schedules)
+    columns = ["name", "cron", "tz", "kind", "queue", "enabled", "last_fire", "next_fire"]
+    rows = [[s.name, s.cron, s.tz, s.kind, s.queue, s.enabled, _when(s.last_fire), _when(s.next_fire)]
+            for s in schedules]
+    print(format_table(columns, rows))
+
+
+def cmd_schedule(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    with _client(args) as client:
+        if args.action == "rm":
+            try:
+                client.schedule_remove(args.name)
+            except NotFound:
+                raise CliError(f"no schedule named {args.name} (list them with `schedules`)") from None
+        else:
+            payload = b"" if args.payload is None else msgspec.msgpack.encode(args.payload)
+            spec = TaskSpec(kind=args.kind, payload=payload, queue=args.queue, priority=args.priority)
+            client.schedule_add(args.name, args.cron, spec, tz=args.tz)
+    done = "removed" if args.action == "rm" else "set"
+    if args.json:
+        return _print_json({"schedule": args.name, "done": done})
+    print(f"schedule {args.name}: {done}")
+
+
 def _rate(text: str) -> float | None:
     if text == "off":
         return None
@@ -156,6 +187,19 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--cursor", help="the cursor a previous page printed")
     p.add_argument("--newest", action="store_true", help="newest first")
     p.set_defaults(run=cmd_tasks)
+    sub.add_parser("schedules", parents=[common], help="cron schedules").set_defaults(run=cmd_schedules)
+    p = sub.add_parser("schedule", parents=[common], help="add or remove a cron schedule")
+    actions = p.add_subparsers(dest="action", required=True, metavar="add|rm")
+    add = actions.add_parser("add", parents=[common], help="add or replace a schedule")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--cron", required=True, metavar="EXPR", help='5 fields, e.g. "*/5 * * * *"')
+    add.add_argument("--tz", default="UTC", metavar="ZONE", help="IANA time zone (default UTC)")
+    add.add_argument("--kind", required=True, metavar="KIND")
+    add.add_argument("--queue", default="default")
+    add.add_argument("--payload", type=_json_value, metavar="JSON", help="JSON value, sent MessagePack-encoded")
+    add.add_argument("--priority", type=_priority, default="normal", metavar="P", help="high, normal, low or 0-255")
+    actions.add_parser("rm", parents=[common], help="remove a schedule").add_argument("name", metavar="NAME")
+    p.set_defaults(run=cmd_schedule)
     for name, run, text in (("requeue", cmd_requeue, "dead tasks back to pending, same id"),
                             ("dead-delete", cmd_dead_delete, "delete dead tasks (history keeps them)")):
         p = sub.add_parser(name, parents=[common], help=text)

@@ -51,7 +51,7 @@ from actors.queue_ops import QueueOps
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
-from storage.model import Counters, LeasesRenewed, QueueSettings, Task, TaskDied, TaskState, WalRecord, apply_record
+from storage.model import Counters, LeasesRenewed, OpsState, Task, TaskDied, TaskState, WalRecord, apply_record
 from transport.messages import (
     Assigned,
     Assignment,
@@ -84,7 +84,7 @@ class QueueActor(HubActor):
     def __init__(
         self, settings: Settings, wal: Any = None, history: HistoryLink | None = None,
         recovered: tuple[dict[str, Task], Counters] | None = None, registry: Any = None,
-        metrics: BrokerMetrics | None = None, queue_settings: dict[str, QueueSettings] | None = None,
+        metrics: BrokerMetrics | None = None, ops_state: OpsState | None = None,
     ) -> None:
         super().__init__()
         b = settings.broker
@@ -108,7 +108,7 @@ class QueueActor(HubActor):
         self.known_workers: set[str] = set()
         self.recent: OrderedDict[str, Task] = OrderedDict()
         p = settings.persistence
-        self.ops = QueueOps(p.dead_set_max, p.dead_set_retention_days * 86400, queue_settings, time.time())
+        self.ops = QueueOps(p.dead_set_max, p.dead_set_retention_days * 86400, ops_state, time.time())
         self.waiters = ClaimWaiters(self._claimable, self._claim, self._reply)
         self.shutting_down = False
         self._records: list[WalRecord] = []
@@ -401,7 +401,7 @@ class QueueActor(HubActor):
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
         """A consistent image: the WAL rotates first, so the image covers every earlier segment."""
         segment = self.wal.rotate() if self.wal is not None else 0
-        if self.wal is not None and self.ops.settings:
+        if self.wal is not None and (self.ops.settings or self.ops.state.schedules):
             self.wal.append(self.ops.image())  # the new segment restores queue settings (see QueueOps.image)
         tasks = list(self.index.tasks.values())
         return SnapshotData(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from actors import cron_admin
 from actors import task_states as states
 from actors.answers import task_info
 from actors.browse import live_page
@@ -43,7 +44,7 @@ Actor = Any  # actors.queue.QueueActor (not imported: it imports this module)
 
 
 def _set(a: Actor, record: QueueSettingsSet, now: float) -> None:
-    apply_record(record, a.index.tasks, a.counters, a.ops.settings)
+    apply_record(record, a.index.tasks, a.counters, a.ops.state)
     a.ops.settings_applied(record.queue, now)
     a._records.append(record)
     a.metrics.set_queue_paused(record.queue, record.paused)
@@ -107,7 +108,7 @@ def on_requeue(a: Actor, req: Requeue, reply_to: Any, now: float) -> Message:
         part = chosen[start:start + REQUEUE_RECORD_IDS]
         record = TasksRequeued(task_ids=[t.task_id for t in part], first_seq=a.ready_seq + 1, at=now)
         a.ready_seq += len(part)
-        apply_record(record, a.index.tasks, a.counters, a.ops.settings)
+        apply_record(record, a.index.tasks, a.counters, a.ops.state)
         a._records.append(record)
         a.ops.remove_dead(record.task_ids)
         for task in part:
@@ -125,7 +126,7 @@ def remove_dead(a: Actor, task_ids: list[str]) -> None:
     """Deletes dead tasks from memory (their history rows stay)."""
     if task_ids:
         record = DeadRemoved(task_ids=task_ids)
-        apply_record(record, a.index.tasks, a.counters, a.ops.settings)
+        apply_record(record, a.index.tasks, a.counters, a.ops.state)
         a._records.append(record)
         a.ops.remove_dead(task_ids)
 
@@ -209,8 +210,9 @@ def evict(a: Actor, now: float) -> None:
 
 
 def on_tick(a: Actor, now: float, maintenance: bool) -> None:
-    """Every tick: serve claims waiting on rate-limited queues that have a token again; publish the
-    throttled-claims count. On maintenance ticks: evict dead tasks past their retention."""
+    """Every tick: fire due cron schedules; serve claims waiting on rate-limited queues that have a token
+    again; publish the throttled-claims count. On maintenance ticks: evict dead tasks past their retention."""
+    cron_admin.fire_due(a, now)
     for queue in list(a.ops.throttled_queues(a.index, now)):
         a.waiters.serve(queue, now)
     if a.ops.throttled:
@@ -226,4 +228,5 @@ def on_tick(a: Actor, now: float, maintenance: bool) -> None:
 HANDLERS: dict[type, Any] = {
     Pause: on_pause, Resume: on_resume, RateLimit: on_rate_limit, Purge: on_purge, Requeue: on_requeue,
     DeleteDead: on_delete_dead, DeadList: on_dead_list, Queues: on_queues, Browse: on_browse,
+    **cron_admin.HANDLERS,
 }

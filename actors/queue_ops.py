@@ -4,8 +4,8 @@ Owned by one QueueActor and touched only from its handlers. Every change goes th
 `storage.model` applied with `apply_record` (the same code recovery replays); this object only keeps
 what the records produce in a shape the claim path can ask cheaply:
 
-- `settings`: queue → QueueSettings, only queues that are paused or rate-limited (empty: claims take
-  the unchanged fast path);
+- `state`: what the WAL records hold: `settings` (= state.queues, queue → QueueSettings, only queues that
+  are paused or rate-limited; empty: claims take the unchanged fast path) and the cron schedules;
 - `buckets`: one token bucket per rate-limited queue (not persisted: a restart starts it full);
 - `dead`: task id → death sequence number, oldest death first. The dead tasks themselves stay in the
   actor's task dict with state `failed` (payload kept), so STATUS says failed with the error until a
@@ -19,20 +19,33 @@ from collections.abc import Iterator
 
 from actors.rate_limit import TokenBucket
 from actors.task_index import TaskIndex
-from storage.model import QueueSettings, QueueSettingsSet, Task, TaskDied, TaskFinished, TaskState, WalRecord
+from storage.model import (
+    OpsState,
+    QueueSettings,
+    QueueSettingsSet,
+    ScheduleSet,
+    Task,
+    TaskDied,
+    TaskFinished,
+    TaskState,
+    WalRecord,
+)
 
 log = logging.getLogger("tqbroker.queue")
 
 
 class QueueOps:
-    def __init__(self, dead_max: int, dead_retention_s: float, settings: dict[str, QueueSettings] | None = None,
+    def __init__(self, dead_max: int, dead_retention_s: float, state: OpsState | None = None,
                  now: float = 0.0) -> None:
         self.dead_max = dead_max
         self.dead_retention_s = dead_retention_s
-        self.settings: dict[str, QueueSettings] = settings if settings is not None else {}
+        self.state = state if state is not None else OpsState()  # changed only by apply_record
+        self.settings: dict[str, QueueSettings] = self.state.queues
         self.buckets: dict[str, TokenBucket] = {}
         self.dead: dict[str, int] = {}
         self.dead_seq = 0
+        self.next_fires: dict[str, float] = {}  # schedule name -> its next fire time (actors.cron_admin)
+        self.cron_soonest = float("-inf")  # min(next_fires); -inf until the first tick computes them
         self.throttled = 0  # claims that got fewer tasks (or waited) because of a rate limit; read by metrics
         for queue, s in self.settings.items():
             if s.rate_limit is not None:
@@ -64,9 +77,11 @@ class QueueOps:
             self.buckets[queue] = TokenBucket(rate, now)
 
     def image(self) -> list[WalRecord]:
-        """Every queue's non-default settings as records: written at the head of each new WAL segment, so
-        replay from a snapshot's segment restores them (the snapshot itself holds only tasks)."""
-        return [QueueSettingsSet(queue=q, paused=s.paused, rate_limit=s.rate_limit) for q, s in self.settings.items()]
+        """Every queue's non-default settings and every schedule as records: written at the head of each new
+        WAL segment, so replay from a snapshot's segment restores them (the snapshot itself holds tasks)."""
+        records: list[WalRecord] = [QueueSettingsSet(queue=q, paused=s.paused, rate_limit=s.rate_limit)
+                                    for q, s in self.settings.items()]
+        return records + [ScheduleSet(schedule=s) for s in self.state.schedules.values()]
 
     # ------------------------------------------------------------ claiming
 

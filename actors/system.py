@@ -122,7 +122,7 @@ class BrokerSystem:
         )
         self.queue = QueueActor.start(s, wal=self.wal, history=history_link,
                                       recovered=(state.tasks, state.counters), registry=self.registry,
-                                      metrics=self.metrics, queue_settings=state.settings)
+                                      metrics=self.metrics, ops_state=state.ops)
         self.registry.tell(UseQueue(self.queue))
         self.lease_watcher = LeaseWatcherActor.start(self.queue, s.broker.lease_check_interval_secs)
         self.compactor = CompactorActor.start(self.queue, snapshots, self.history, p)

@@ -144,6 +144,41 @@ class QueueSettings(Struct, gc=False):
     rate_limit: float | None = None  # claims per second across all workers; None = unlimited
 
 
+class Schedule(Struct, gc=False):
+    """A named cron schedule: at each fire time of `cron` (5 fields, in time zone `tz`) one task of this spec
+    is submitted, with unique key `cron:<name>:<fire time>`. `last_fire`: the latest fire time handled
+    (submitted, or coalesced into it), unix seconds; fire times after it are still to come."""
+
+    name: str
+    cron: str
+    tz: str
+    kind: str
+    queue: str
+    priority: int
+    payload: bytes
+    max_retries: int | None
+    lease_ms: int | None
+    enabled: bool
+    last_fire: float
+
+
+class ScheduleSet(Struct, tag="schedule_set", gc=False):
+    """A schedule added, replaced, or fired (the whole schedule, with its new `last_fire`)."""
+
+    schedule: Schedule
+
+
+class ScheduleRemoved(Struct, tag="schedule_removed", gc=False):
+    name: str
+
+
+class OpsState(Struct, gc=False):
+    """The operator state beside the tasks: per-queue settings and cron schedules (replayed from the WAL)."""
+
+    queues: dict[str, QueueSettings] = {}
+    schedules: dict[str, Schedule] = {}
+
+
 class QueueSettingsSet(Struct, tag="queue_settings", gc=False):
     """The whole settings of one queue after a PAUSE, RESUME or RATE_LIMIT (absolute values)."""
 
@@ -154,20 +189,20 @@ class QueueSettingsSet(Struct, tag="queue_settings", gc=False):
 
 WalRecord = (
     TaskSubmitted | TaskChanged | LeasesRenewed | TaskFinished | TaskDied | DeadRemoved | TasksRequeued
-    | QueueSettingsSet
+    | QueueSettingsSet | ScheduleSet | ScheduleRemoved
 )
 
 
 def apply_record(
-    record: WalRecord, tasks: dict[str, Task], counters: Counters, settings: dict[str, QueueSettings] | None = None
+    record: WalRecord, tasks: dict[str, Task], counters: Counters, ops: OpsState | None = None
 ) -> Task | None:
-    """Replays one record onto `tasks` (and queue `settings`); returns the task it finished, if any.
+    """Replays one record onto `tasks` (and `ops`: queue settings, schedules); returns the task it finished.
 
     Records for tasks that are not live (already finished before the snapshot) are skipped. For
     TaskDied the task returned is a copy (for history): the live one stays in `tasks` as `failed`.
     """
-    if isinstance(record, TaskDied | DeadRemoved | TasksRequeued | QueueSettingsSet):
-        return apply_queue_op(record, tasks, counters, settings)
+    if isinstance(record, TaskDied | DeadRemoved | TasksRequeued | QueueSettingsSet | ScheduleSet | ScheduleRemoved):
+        return apply_queue_op(record, tasks, counters, ops)
     if isinstance(record, TaskSubmitted):
         if record.task.task_id not in tasks:
             counters.submitted_total += 1
@@ -207,16 +242,13 @@ def apply_record(
 
 
 def apply_queue_op(
-    record: TaskDied | DeadRemoved | TasksRequeued | QueueSettingsSet, tasks: dict[str, Task],
-    counters: Counters, settings: dict[str, QueueSettings] | None,
+    record: TaskDied | DeadRemoved | TasksRequeued | QueueSettingsSet | ScheduleSet | ScheduleRemoved,
+    tasks: dict[str, Task], counters: Counters, ops: OpsState | None,
 ) -> Task | None:
-    """The queue-operation records (dead set, requeue, queue settings) of `apply_record`."""
-    if isinstance(record, QueueSettingsSet):
-        if settings is not None:
-            if record.paused or record.rate_limit is not None:
-                settings[record.queue] = QueueSettings(paused=record.paused, rate_limit=record.rate_limit)
-            else:
-                settings.pop(record.queue, None)
+    """The queue-operation records (dead set, requeue, queue settings, schedules) of `apply_record`."""
+    if isinstance(record, QueueSettingsSet | ScheduleSet | ScheduleRemoved):
+        if ops is not None:
+            _apply_ops(record, ops)
         return None
     if isinstance(record, DeadRemoved):
         for task_id in record.task_ids:
@@ -245,3 +277,14 @@ def apply_queue_op(
     task.lease_expires_at = None
     counters.count_finished(TaskState.FAILED)
     return structs.replace(task)
+
+
+def _apply_ops(record: QueueSettingsSet | ScheduleSet | ScheduleRemoved, ops: OpsState) -> None:
+    if isinstance(record, ScheduleSet):
+        ops.schedules[record.schedule.name] = structs.replace(record.schedule)
+    elif isinstance(record, ScheduleRemoved):
+        ops.schedules.pop(record.name, None)
+    elif record.paused or record.rate_limit is not None:
+        ops.queues[record.queue] = QueueSettings(paused=record.paused, rate_limit=record.rate_limit)
+    else:
+        ops.queues.pop(record.queue, None)

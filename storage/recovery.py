@@ -16,7 +16,7 @@ from typing import Protocol
 import gevent
 import msgspec
 
-from storage.model import Counters, QueueSettings, Task, apply_record
+from storage.model import Counters, OpsState, Task, apply_record
 from storage.wal import list_segments, read_segments, wal_directory
 
 log = logging.getLogger("tqbroker.recovery")
@@ -31,7 +31,7 @@ class RecoveredState(msgspec.Struct):
     next_segment: int  # open the WAL at this segment number
     replayed_records: int
     seconds: float
-    settings: dict[str, QueueSettings] = msgspec.field(default_factory=dict)  # paused / rate-limited queues
+    ops: OpsState = msgspec.field(default_factory=OpsState)  # queue settings and cron schedules
 
 
 YIELD_EVERY_RECORDS = 5_000
@@ -59,10 +59,10 @@ def recover(data_dir: Path, snapshots: SnapshotSource) -> RecoveredState:
         tasks = {task.task_id: task for task in task_list}
         snapshot_tasks = len(task_list)
     finished: list[Task] = []
-    settings: dict[str, QueueSettings] = {}
+    ops = OpsState()
     replayed = 0
     for record in read_segments(wal_dir, from_segment):
-        done = apply_record(record, tasks, counters, settings)
+        done = apply_record(record, tasks, counters, ops)
         if done is not None:
             finished.append(done)
         replayed += 1
@@ -76,4 +76,4 @@ def recover(data_dir: Path, snapshots: SnapshotSource) -> RecoveredState:
         "%d tasks finished during replay) in %.2f s",
         len(tasks), snapshot_tasks, replayed, from_segment, len(finished), seconds,
     )
-    return RecoveredState(tasks, finished, counters, next_segment, replayed, seconds, settings)
+    return RecoveredState(tasks, finished, counters, next_segment, replayed, seconds, ops)

@@ -324,3 +324,14 @@ class Client:
         """One page of tasks in `state`; pass the page's `next` as `cursor` for the following one."""
         return self._call(ops.TaskPage, ops.Browse, state=state, queue=queue, kind=kind, limit=limit,
                           cursor=cursor, newest_first=newest_first)
+
+    def schedule_add(self, name: str, cron: str, task: m.TaskSpec, *, tz: str = "UTC", enabled: bool = True,
+                     since: float | None = None) -> None:
+        """Adds or replaces the cron schedule `name`: one `task` per fire time of `cron` (5 fields) in `tz`."""
+        self._call(m.Ok, ops.ScheduleAdd, name=name, cron=cron, task=task, tz=tz, enabled=enabled, since=since)
+
+    def schedule_remove(self, name: str) -> None:
+        self._call(m.Ok, ops.ScheduleRemove, name=name)
+
+    def schedules(self) -> list[ops.ScheduleInfo]:
+        return self._call(ops.ScheduleList, ops.Schedules).schedules

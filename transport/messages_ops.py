@@ -1,6 +1,6 @@
 """Protocol 1.1 messages: queue operations (docs/protocol.md "Version 1.1: queue operations").
 
-Requests 0x10–0x17, responses 0x50–0x57; a v1 client never sends or receives them. Every size a client
+Requests 0x10–0x1B, responses 0x50–0x5B; a v1 client never sends or receives them. Every size a client
 sends is bounded here, like in `transport.messages`.
 """
 
@@ -10,7 +10,7 @@ from typing import Annotated, ClassVar, Literal
 
 from msgspec import Meta, Struct
 
-from transport.messages import U32, Message, QueueName, TaskId, TaskInfo, Text200
+from transport.messages import U32, Message, QueueName, TaskId, TaskInfo, TaskSpec, Text200, UnixTime
 
 PROTOCOL_VERSION = "1.1"  # WELCOME's `version`: the newest protocol version this broker speaks
 
@@ -116,6 +116,31 @@ class Browse(Message, frozen=True):
     newest_first: bool = False
 
 
+class ScheduleAdd(Message, frozen=True):
+    """Adds (or replaces) the named cron schedule. `since`: fire times after this count (default now); one
+    earlier than now makes the missed ones fire once, coalesced, as after a broker outage."""
+
+    type_byte: ClassVar[int] = 0x19
+    id: U32
+    name: Text200
+    cron: Annotated[str, Meta(min_length=1, max_length=200)]
+    task: TaskSpec
+    tz: Annotated[str, Meta(min_length=1, max_length=64)] = "UTC"
+    enabled: bool = True
+    since: UnixTime | None = None
+
+
+class ScheduleRemove(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x1A
+    id: U32
+    name: Text200
+
+
+class Schedules(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x1B
+    id: U32
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -153,9 +178,28 @@ class TaskPage(Message, frozen=True):
     next: str | None = None
 
 
+class ScheduleInfo(Struct, frozen=True):
+    name: str
+    cron: str
+    tz: str
+    kind: str
+    queue: str
+    priority: int
+    enabled: bool
+    last_fire: float  # the latest fire time handled (unix seconds)
+    next_fire: float | None  # the next one, None while disabled
+
+
+class ScheduleList(Message, frozen=True):
+    type_byte: ClassVar[int] = 0x5B
+    id: int
+    schedules: list[ScheduleInfo]
+
+
 OPS_REQUESTS: tuple[type[Message], ...] = (
-    Pause, Resume, RateLimit, Purge, Requeue, DeleteDead, Queues, DeadList, Browse,
+    Pause, Resume, RateLimit, Purge, Requeue, DeleteDead, Queues, DeadList, Browse, ScheduleAdd, ScheduleRemove,
+    Schedules,
 )
-OPS_RESPONSES: tuple[type[Message], ...] = (Count, QueueList, DeadPage, TaskPage)
+OPS_RESPONSES: tuple[type[Message], ...] = (Count, QueueList, DeadPage, TaskPage, ScheduleList)
 ADMIN_REQUESTS = OPS_REQUESTS  # the queue actor owns them (a BROWSE of a terminal state reads task_history)
 HISTORY_STATES = frozenset({"completed", "failed", "cancelled"})
