@@ -5,13 +5,17 @@ the schedules fire daily at a time in the past, with `since` days before it)."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 import time
 
 import pytest
-from conftest import BrokerProcess
+from conftest import ROOT, BrokerProcess
 from helpers import wait_for
 
 from actors import cron
+from actors.worker import decode_payload
 from storage.model import Schedule
 from transport.errors import BadRequest, NotFound
 from transport.messages import TaskSpec
@@ -136,3 +140,40 @@ def test_schedules_are_listed_removed_and_validated(broker: BrokerProcess) -> No
         c.schedule_remove("a")
     broker.restart()
     assert broker.client().schedules() == []
+
+
+# ------------------------------------------------------------------ the SDK
+
+
+def test_a_worker_serving_a_cron_task_stores_its_schedule_at_start(broker: BrokerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQ_")}
+    env.update({"PYTHONPATH": str(ROOT), "TQ_BROKER__PORT": str(broker.port)})
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "actors", "worker", "tests.cron_fixture_tasks"], cwd=ROOT,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        c = broker.client()
+        [info] = wait_for(lambda: c.schedules(), timeout=20)
+        assert (info.name, info.cron, info.tz, info.queue) == (
+            "tests.cron_fixture_tasks.nightly_report", "0 3 * * *", "Europe/Berlin", "cronq")
+    finally:
+        worker.kill()
+        worker.wait(timeout=10)
+
+
+def test_schedule_stores_a_call_with_its_arguments_and_a_bad_cron_on_a_task_is_refused(
+    broker: BrokerProcess,
+) -> None:
+    from actors.worker import schedule, task
+    from tests.cron_fixture_tasks import add
+
+    c = broker.client()
+    expr, fire = daily_in_the_past()
+    schedule("sum", expr, add, 2, b=3, client=c)
+    assert [s.name for s in c.schedules()] == ["sum"]
+    c.schedule_add("sum", expr, add.spec((2,), {"b": 3}), since=fire - 60)  # make the latest fire time due
+    wait_for(lambda: tasks_of(c, "tests.cron_fixture_tasks.add"))
+    [job] = c.claim("w", ["cronq"], max_tasks=1, wait_ms=0)
+    assert decode_payload(job.payload) == ([2], {"b": 3})
+    with pytest.raises(ValueError, match="5 fields"):
+        task(cron="* *")(lambda: None)

@@ -41,6 +41,7 @@ class Registration(Struct):
     concurrency: int
     metadata: dict[str, str]
     worker_id: str | None = None
+    schedules: list[tuple[str, str, str, Any]] = []  # (name, cron, tz, TaskSpec) of @task(cron=...), stored at dial
 
 
 class Connected(Struct, frozen=True):
@@ -165,6 +166,14 @@ class LinkActor(pykka.ThreadingActor):
             self._dial_timer = gevent.spawn_later(self.backoff_s, tell_quietly, self.actor_ref, _Dial())
             self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
 
+    def _store_schedules(self) -> None:
+        """SCHEDULE_ADD for each @task(cron=...): idempotent (same cron keeps its place), so every dial may."""
+        for name, cron, tz, spec in self.registration.schedules:
+            try:
+                self.control.schedule_add(name, cron, spec, tz=tz)
+            except (ClientError, BrokerError, RequestTimeout) as exc:
+                log.error("could not store the schedule of %s (%s): %s", name, cron, exc)
+
     def _dial(self) -> None:
         """Connect both clients and REGISTER; on failure try again after the backoff."""
         if self.connected:
@@ -191,6 +200,7 @@ class LinkActor(pykka.ThreadingActor):
                      self.backoff_s)
             self._schedule_dial()
             return
+        self._store_schedules()
         first = reg.worker_id is None
         reg.worker_id = worker_id
         self.generation += 1
