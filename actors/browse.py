@@ -22,14 +22,15 @@ SCAN_BUDGET = 20_000  # log entries one BROWSE may step over (stale or filtered 
 
 
 class _Log:
-    """keys[i] ascending; tasks[i] entered the state with mark marks[i] (ready_seq or run_at)."""
+    """keys[i] ascending; tasks[i] entered the state with mark marks[i] (its run_at for scheduled; for
+    pending the mark is the key, its ready_seq, and `marks` is `keys` itself: 16 bytes per entry)."""
 
     __slots__ = ("keys", "tasks", "marks")
 
-    def __init__(self) -> None:
+    def __init__(self, pending: bool) -> None:
         self.keys: list[int] = []
         self.tasks: list[Task] = []
-        self.marks: list[float] = []
+        self.marks: list[float] = self.keys if pending else []  # type: ignore[assignment]
 
     def live(self, i: int, state: str) -> bool:
         task = self.tasks[i]
@@ -39,9 +40,10 @@ class _Log:
 
     def compact(self, state: str) -> None:
         kept = [i for i in range(len(self.keys)) if self.live(i, state)]
-        self.keys = [self.keys[i] for i in kept]
-        self.tasks = [self.tasks[i] for i in kept]
+        shared = self.marks is self.keys
         self.marks = [self.marks[i] for i in kept]
+        self.keys = self.marks if shared else [self.keys[i] for i in kept]  # type: ignore[assignment]
+        self.tasks = [self.tasks[i] for i in kept]
 
     def walk(self, state: str, after: int | None, newest_first: bool) -> Iterator[tuple[int, Task]]:
         """(key, task) of live entries after the cursor key, in key order (descending if newest_first)."""
@@ -90,12 +92,13 @@ class BrowsableIndex(TaskIndex):
     def _log(self, task: Task, state: str, key: int, mark: float, slot: int) -> None:
         log = self.logs.get((task.queue, state))
         if log is None:
-            log = self.logs[(task.queue, state)] = _Log()
+            log = self.logs[(task.queue, state)] = _Log(state == TaskState.PENDING)
         elif log.keys and key <= log.keys[-1]:  # recovery enters in ready_seq order; never out of order live
             return self._insert(log, key, task, mark)
         log.keys.append(key)
         log.tasks.append(task)
-        log.marks.append(mark)
+        if log.marks is not log.keys:
+            log.marks.append(mark)
         if len(log.keys) > 2 * self.counts[task.queue].values[slot] + STALE_SLACK:
             log.compact(state)
 
@@ -104,7 +107,8 @@ class BrowsableIndex(TaskIndex):
         i = bisect_left(log.keys, key)
         log.keys.insert(i, key)
         log.tasks.insert(i, task)
-        log.marks.insert(i, mark)
+        if log.marks is not log.keys:
+            log.marks.insert(i, mark)
 
 
 def live_page(index: BrowsableIndex, dead: dict[str, int], state: str, queue: str | None, kind: str | None,

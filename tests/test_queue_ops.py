@@ -10,6 +10,9 @@ from conftest import BrokerProcess
 from helpers import wait_for
 from test_metrics_health import scrape, value
 
+from actors.browse import BrowsableIndex, live_page
+from actors.task_index import STALE_SLACK
+from storage.model import Task
 from transport.errors import BadRequest, NotFound
 from transport.messages import TaskSpec
 
@@ -240,3 +243,37 @@ def test_a_cursor_the_broker_did_not_give_is_a_bad_request(broker: BrokerProcess
         c.browse("pending", cursor="x:1")
     with pytest.raises(BadRequest, match="cursor"):
         c.browse("completed", cursor="h:nope:1")
+
+
+# ------------------------------------------------------------------ the browse log, on its own
+
+
+def pending_task(i: int, queue: str = "q") -> Task:
+    return Task(task_id=f"t{i}", queue=queue, kind="k", payload=b"", priority=150, state="pending", attempts=0,
+                max_retries=0, lease_ms=1000, submitted_at=0.0, run_at=0.0, ready_seq=i)
+
+
+def test_a_drained_queue_keeps_no_more_than_the_slack_of_stale_browse_entries() -> None:
+    index = BrowsableIndex()
+    tasks = [pending_task(i) for i in range(1, 5001)]
+    for task in tasks:
+        index.enter(task)
+    for task in index.claim_order(["q"], 5000):
+        index.leave(task)
+        task.state = "running"
+    assert len(index.logs[("q", "pending")].keys) <= STALE_SLACK + 1
+    assert live_page(index, {}, "pending", "q", None, 100, None, False) == ([], None)
+
+
+def test_a_live_page_skips_tasks_that_moved_on_and_resumes_after_its_cursor() -> None:
+    index = BrowsableIndex()
+    tasks = [pending_task(i, queue=f"q{i % 2}") for i in range(1, 11)]
+    for task in tasks:
+        index.enter(task)
+    index.leave(tasks[2])
+    tasks[2].state = "running"  # t3 left pending
+    page, cursor = live_page(index, {}, "pending", None, None, 4, None, False)
+    assert [t.task_id for t in page] == ["t1", "t2", "t4", "t5"] and cursor == 5
+    page, cursor = live_page(index, {}, "pending", None, None, 4, cursor, False)
+    assert [t.task_id for t in page] == ["t6", "t7", "t8", "t9"]
+    assert [t.task_id for t in live_page(index, {}, "pending", None, None, 4, cursor, False)[0]] == ["t10"]
