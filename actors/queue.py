@@ -71,9 +71,11 @@ from transport.messages import (
     TaskStatus,
     WorkerList,
 )
+from transport.messages_ops import READ_REQUESTS
 
 log = logging.getLogger("tqbroker.queue")
 
+_READS = (Status, *READ_REQUESTS)  # answered even while changes are refused (shutting down, disk full)
 MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
 TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable within this of their run_at
@@ -160,7 +162,7 @@ class QueueActor(HubActor):
         now = time.time()
         refusal = self._refusal(batch.nbytes)
         for request in batch.requests:
-            if refusal is not None and not isinstance(request, Status):
+            if refusal is not None and not isinstance(request, _READS):
                 self._reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
                 continue
             reply = self._request_handlers[type(request)](self, request, batch.reply_to, now)

@@ -113,7 +113,8 @@ def on_requeue(a: Actor, req: Requeue, reply_to: Any, now: float) -> Message:
         a.ops.remove_dead(record.task_ids)
         for task in part:
             a.index.enter(task)
-            a.index.add_unique(task)
+            if task.unique_key is not None and (task.queue, task.unique_key) not in a.index.unique:
+                a.index.add_unique(task)  # a newer live task with its key keeps it
             queues.add(task.queue)
     for queue in queues:
         a.waiters.serve(queue, now)

@@ -120,6 +120,11 @@ VALID.update({  # protocol 1.1: queue operations (transport/messages_ops.py)
     ops.Browse: st.builds(ops.Browse, id=u32, state=st.sampled_from(["pending", "dead", "completed"]),
                           queue=st.none() | queue_name, kind=st.none() | text200, limit=st.integers(1, 1000),
                           cursor=st.none() | st.text(max_size=40), newest_first=st.booleans()),
+    ops.ScheduleAdd: st.builds(ops.ScheduleAdd, id=u32, name=text200, cron=st.text(min_size=1, max_size=40),
+                               task=task_spec, tz=st.text(min_size=1, max_size=20), enabled=st.booleans(),
+                               since=st.none() | st.floats(-62_135_596_800, 253_402_300_799)),
+    ops.ScheduleRemove: st.builds(ops.ScheduleRemove, id=u32, name=text200),
+    ops.Schedules: st.builds(ops.Schedules, id=u32),
 })
 REQUEST_CLASSES = sorted(REQUEST_TYPES.values(), key=lambda cls: cls.type_byte)
 

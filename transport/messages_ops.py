@@ -202,4 +202,5 @@ OPS_REQUESTS: tuple[type[Message], ...] = (
 )
 OPS_RESPONSES: tuple[type[Message], ...] = (Count, QueueList, DeadPage, TaskPage, ScheduleList)
 ADMIN_REQUESTS = OPS_REQUESTS  # the queue actor owns them (a BROWSE of a terminal state reads task_history)
+READ_REQUESTS: tuple[type[Message], ...] = (Queues, DeadList, Browse, Schedules)  # answered while writes are refused
 HISTORY_STATES = frozenset({"completed", "failed", "cancelled"})
