@@ -266,7 +266,7 @@ def apply_queue_op(
                 task.result = task.error = None
         return None
     task = tasks.get(record.task_id)
-    if task is None:
+    if task is None or task.state == TaskState.FAILED:  # unknown, or this death replayed twice
         return None
     task.state = TaskState.FAILED
     task.attempts = record.attempts

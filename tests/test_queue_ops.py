@@ -12,7 +12,16 @@ from test_metrics_health import scrape, value
 
 from actors.browse import BrowsableIndex, live_page
 from actors.task_index import STALE_SLACK
-from storage.model import Task
+from storage.model import (
+    Counters,
+    OpsState,
+    QueueSettingsSet,
+    Task,
+    TaskDied,
+    TasksRequeued,
+    TaskSubmitted,
+    apply_record,
+)
 from transport.errors import BadRequest, NotFound
 from transport.messages import TaskSpec
 
@@ -277,3 +286,23 @@ def test_a_live_page_skips_tasks_that_moved_on_and_resumes_after_its_cursor() ->
     page, cursor = live_page(index, {}, "pending", None, None, 4, cursor, False)
     assert [t.task_id for t in page] == ["t6", "t7", "t8", "t9"]
     assert [t.task_id for t in live_page(index, {}, "pending", None, None, 4, cursor, False)[0]] == ["t10"]
+
+
+# ------------------------------------------------------------------ the records, replayed
+
+
+def test_each_queue_operation_record_replayed_twice_changes_nothing_more_than_once() -> None:
+    def replay(times: int) -> tuple[dict[str, Task], Counters, OpsState]:
+        tasks, counters, ops = {}, Counters(), OpsState()
+        records = [TaskSubmitted(task=pending_task(1)),
+                   TaskDied(task_id="t1", attempts=1, finished_at=5.0, worker_id="w", error="boom"),
+                   QueueSettingsSet(queue="q", paused=True, rate_limit=3.0),
+                   TasksRequeued(task_ids=["t1"], first_seq=7, at=6.0)]
+        for record in records:
+            for _ in range(times):
+                apply_record(record, tasks, counters, ops)
+        return tasks, counters, ops
+
+    once, twice = replay(1), replay(2)
+    assert once[0]["t1"].state == "pending" and once[0]["t1"].ready_seq == 7 and once[1].failed_total == 1
+    assert once == twice
