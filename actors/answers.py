@@ -28,10 +28,11 @@ from transport.messages import (
     TaskStatus,
     WorkerInfo,
 )
+from transport.messages_ops import Count
 
 Outbox = dict[str, tuple[Any, list[Message]]]  # connection actor urn -> (reply_to, messages for it)
 
-_ACKS = (Submitted, SubmittedBatch, Ok, Assigned)
+_ACKS = (Submitted, SubmittedBatch, Ok, Assigned, Count)
 
 
 def task_info(task: Task) -> TaskInfo:

@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None, offline_query: OfflineQuery | None = Non
         return exc.code if isinstance(exc.code, int) else 2
     address = args.settings.address
     try:
-        COMMANDS[args.command].handler(args, offline_query)
+        (COMMANDS.get(args.command) or args.run)(args, offline_query)
         return 0
     except BrokenPipeError:  # `... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

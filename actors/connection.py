@@ -21,6 +21,7 @@ from typing import Any
 import gevent
 import pykka
 
+from actors.browse_history import history_page
 from actors.context import BrokerContext
 from actors.envelopes import ConnectionClosed, QueueRequests, RegistryRequest, Replies
 from actors.hub_actor import HubActor
@@ -46,13 +47,14 @@ from transport.messages import (
     Welcome,
     Workers,
 )
+from transport.messages_ops import ADMIN_REQUESTS, HISTORY_STATES, PROTOCOL_VERSION, Browse
 
 log = logging.getLogger("tqbroker.connection")
 
 # A frame up to this size never waits for the frame budget: at most one per connection is partial, so
 # max_connections bounds their memory (64 MiB at 1,000), and a HELLO is never stuck behind big uploads.
 UNBUDGETED_FRAME_BYTES = 64 * 1024
-_QUEUE_REQUESTS = (Submit, SubmitBatch, Claim, Result, Status, Cancel)
+_QUEUE_REQUESTS = (Submit, SubmitBatch, Claim, Result, Status, Cancel, *ADMIN_REQUESTS)
 _REGISTRY_REQUESTS = (Register, Deregister, Heartbeat, Stats, Workers)
 
 
@@ -212,7 +214,9 @@ class Session:
                     self._send(direct, close=True)
                     return False
                 continue
-            if isinstance(msg, _QUEUE_REQUESTS):
+            if isinstance(msg, Browse) and msg.state in HISTORY_STATES:  # read from task_history, not memory
+                self._start_query(msg, direct)
+            elif isinstance(msg, _QUEUE_REQUESTS):
                 to_queue.append(msg)
                 if isinstance(msg, Claim):
                     self.claimed = True
@@ -268,11 +272,11 @@ class Session:
             return Error(id=msg.id, code=ErrorCode.BAD_REQUEST,
                          message=f"protocol {msg.protocol} is not supported; this broker speaks protocol 1")
         s = self.ctx.settings
-        return Welcome(id=msg.id, server=self.ctx.server_name, protocol=1,
+        return Welcome(id=msg.id, server=self.ctx.server_name, protocol=1, version=PROTOCOL_VERSION,
                        heartbeat_interval_ms=int(s.worker.heartbeat_interval_secs * 1000),
                        max_batch_claim=s.broker.max_batch_claim)
 
-    def _start_query(self, msg: Query, direct: list[Message]) -> None:
+    def _start_query(self, msg: Query | Browse, direct: list[Message]) -> None:
         limit = self.ctx.settings.api.max_queries_per_connection
         if self.queries >= limit:
             direct.append(Error(id=msg.id, code=ErrorCode.QUEUE_FULL, message=(
@@ -283,14 +287,17 @@ class Session:
         self.state.in_flight += 1
         gevent.spawn(self._query, msg)
 
-    def _query(self, msg: Query) -> None:
+    def _query(self, msg: Query | Browse) -> None:
         reply: Message | None = None
         try:
             with self.ctx.queries.slot(self):
                 if self.state.closed:  # the client went away while its query waited: skip the work
                     return
-                result = self.ctx.run_query(msg.sql)
-                reply = Rows(id=msg.id, columns=result.columns, rows=result.rows, truncated=result.truncated)
+                if isinstance(msg, Browse):
+                    reply = history_page(self.ctx.run_query, msg)
+                else:
+                    result = self.ctx.run_query(msg.sql)
+                    reply = Rows(id=msg.id, columns=result.columns, rows=result.rows, truncated=result.truncated)
         except Exception as exc:  # QueryRefused / QueryTimeout / no history: all user-facing text
             code = getattr(exc, "code", ErrorCode.BAD_REQUEST)
             reply = Error(id=msg.id, code=code, message=getattr(exc, "message", None) or str(exc))

@@ -85,6 +85,12 @@ class BrokerMetrics:
                                            "make room at broker.max_connections", registry=r)
         self.connection_deadlines = Counter("tq_connection_deadlines", "Connections closed for missing a "
                                             "deadline", ["deadline"], registry=r)  # hello | frame
+        # queue operations (docs/protocol.md "Version 1.1")
+        self.queue_paused = Gauge("tq_queue_paused", "1 while the queue is paused", ["queue"], registry=r)
+        self.claims_throttled = Counter("tq_claims_throttled", "Claims that got fewer tasks (or waited) "
+                                        "because of a queue's rate limit", registry=r)
+        self.dead_evicted = Counter("tq_dead_evicted", "Dead tasks dropped past the dead set's bounds",
+                                    registry=r)
         self._submitted: dict[str, Any] = {}
         self._finished: dict[tuple[str, str], Any] = {}
         self._processing: dict[str, Any] = {}
@@ -119,6 +125,9 @@ class BrokerMetrics:
             if child is None:
                 child = self._errors[code] = self.errors.labels(code)
             child.inc()
+
+    def set_queue_paused(self, queue: str, paused: bool) -> None:
+        self.queue_paused.labels(queue).set(1 if paused else 0)
 
     # ------------------------------------------------------------ gauges (maintenance timer)
 

@@ -22,6 +22,7 @@ from typing import Any
 import gevent
 import msgspec
 
+from actors import queue_admin
 from actors import task_states as states
 from actors.answers import (
     Outbox,
@@ -35,6 +36,7 @@ from actors.answers import (
     with_running,
     writable_error,  # also imported from here by actors.system
 )
+from actors.browse import BrowsableIndex
 from actors.compactor import PrepareSnapshot, SnapshotData, SnapshotTaken
 from actors.crash_replies import crash_replies, refusals_after_crash
 from actors.envelopes import (
@@ -53,11 +55,21 @@ from actors.envelopes import (
 from actors.history_link import HistoryLink, HistoryWritten
 from actors.hub_actor import ActorCrashed, HubActor, injected_crash
 from actors.metrics import BrokerMetrics
-from actors.task_index import TaskIndex
+from actors.queue_ops import QueueOps
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
-from storage.model import Counters, LeasesRenewed, Task, TaskState, TaskSubmitted, WalRecord, apply_record
+from storage.model import (
+    Counters,
+    LeasesRenewed,
+    OpsState,
+    Task,
+    TaskDied,
+    TaskState,
+    TaskSubmitted,
+    WalRecord,
+    apply_record,
+)
 from storage.wal_format import WalError
 from transport.messages import (
     Assigned,
@@ -78,9 +90,11 @@ from transport.messages import (
     TaskStatus,
     WorkerList,
 )
+from transport.messages_ops import READ_REQUESTS
 
 log = logging.getLogger("tqbroker.queue")
 
+_READS = (Status, *READ_REQUESTS)  # answered even while changes are refused (shutting down, disk full)
 MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
 TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable, expired leases pending, within this of their time
@@ -100,7 +114,7 @@ class QueueActor(HubActor):
     def __init__(
         self, settings: Settings, wal: Any = None, history: HistoryLink | None = None,
         recovered: tuple[dict[str, Task], Counters] | None = None, registry: Any = None,
-        metrics: BrokerMetrics | None = None,
+        metrics: BrokerMetrics | None = None, ops_state: OpsState | None = None,
     ) -> None:
         super().__init__()
         b = settings.broker
@@ -118,7 +132,7 @@ class QueueActor(HubActor):
         self.metrics = metrics or BrokerMetrics()
         self.gauge_interval_s = b.maintenance_interval_secs
         self._gauges_at = 0.0
-        self.index = TaskIndex()
+        self.index = BrowsableIndex()  # a TaskIndex that can also page through live tasks (BROWSE)
         self.counters = Counters()
         self.ids = states.TaskIds()
         self.ready_seq = 0
@@ -126,7 +140,9 @@ class QueueActor(HubActor):
         self.known_workers: set[str] = set()
         self.first_claimed_on: dict[str, set[str]] = {}  # connection urn → worker ids first seen on it
         self.recent: OrderedDict[str, Task] = OrderedDict()
-        self.waiters = ClaimWaiters(self.index.has_pending, self._claim, self._reply)
+        p = settings.persistence
+        self.ops = QueueOps(p.dead_set_max, p.dead_set_retention_days * 86400, ops_state, time.time())
+        self.waiters = ClaimWaiters(self._claimable, self._claim, self._reply)
         self.shutting_down = False
         self.writes_stopped: str | None = None  # why: a WAL append failed with changes that cannot be undone
         self._records: list[WalRecord] = []
@@ -149,12 +165,17 @@ class QueueActor(HubActor):
             if n % 10_000 == 0:
                 gevent.sleep(0)  # keep /healthz answering while a large queue is rebuilt
             self.index.tasks[task.task_id] = task
+            if task.state == TaskState.FAILED:  # in the dead set: not claimable, no unique key
+                continue
             self.payload_bytes += len(task.payload)
             self.index.enter(task)
             self.index.add_unique(task)
             self.ready_seq = max(self.ready_seq, task.ready_seq)
             if task.worker_id:
                 self.known_workers.add(task.worker_id)
+        dead = sorted((t for t in tasks.values() if t.state == TaskState.FAILED), key=lambda t: t.finished_at or 0)
+        for task in dead:
+            self.ops.add_dead(task.task_id)
         for worker_id in self.known_workers:  # their heartbeat clock starts now, so silent ones die
             if self.registry is not None:
                 self.registry.tell(WorkerSeen(worker_id=worker_id, recovered=True))
@@ -174,7 +195,7 @@ class QueueActor(HubActor):
         now = time.time()
         refusal = self._refusal(self._wal_estimate(batch.requests))
         for request in batch.requests:
-            if refusal is not None and not isinstance(request, Status):
+            if refusal is not None and not isinstance(request, _READS):
                 self._reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
                 continue
             reply = self._request_handlers[type(request)](self, request, batch.reply_to, now)
@@ -291,7 +312,7 @@ class QueueActor(HubActor):
 
     def _claim(self, worker_id: str, queues: list[str], limit: int, now: float) -> list[Assignment]:
         assignments = []
-        for task in self.index.claim_order(queues, limit):
+        for task in self.ops.claim_order(self.index, queues, limit, now):
             self.metrics.claim_wait.observe(max(now - task.run_at, 0.0))
             self._change(task, states.claim(task, worker_id, now))
             assignments.append(Assignment(
@@ -419,7 +440,9 @@ class QueueActor(HubActor):
         self._expire_leases(now)
         self.waiters.expire(now)
         self.history.flush_due(now)
-        if now - self._gauges_at >= self.gauge_interval_s:
+        maintenance = now - self._gauges_at >= self.gauge_interval_s
+        queue_admin.on_tick(self, now, maintenance)
+        if maintenance:
             self._gauges_at = now
             self._refresh_gauges()
 
@@ -453,6 +476,8 @@ class QueueActor(HubActor):
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
         """A consistent image: the WAL rotates first, so the image covers every earlier segment."""
         segment = self.wal.rotate() if self.wal is not None else 0
+        if self.wal is not None and (self.ops.settings or self.ops.state.schedules):
+            self.wal.append(self.ops.image())  # the new segment restores queue settings (see QueueOps.image)
         copy = msgspec.structs.replace
         batch_id, finished = self.history.take_unflushed()
         return SnapshotData(tasks=[copy(t) for t in self.index.tasks.values()], counters=copy(self.counters),
@@ -489,12 +514,15 @@ class QueueActor(HubActor):
     def _change(self, task: Task, record: WalRecord) -> None:
         """Applies one state-machine record to the task and the indexes, and queues it for the WAL."""
         self.index.leave(task)
+        record = self.ops.keep_dead(record)  # failed for good: TaskDied keeps it in the dead set
         finished = apply_record(record, self.index.tasks, self.counters)
         self._records.append(record)  # before any claim it triggers: replay must see the same order
         if getattr(record, "retried", False):
             self.metrics.retried.inc()
         if finished is not None:
             self._finished(finished)
+            if isinstance(record, TaskDied):
+                queue_admin.task_died(self, task.task_id, finished.finished_at or 0.0)
             return
         self.index.enter(task)
         if task.state == TaskState.PENDING:
@@ -508,6 +536,11 @@ class QueueActor(HubActor):
         if len(self.recent) > RECENT_FINISHED:
             self.recent.popitem(last=False)
         self.history.add(task)
+
+    def _claimable(self, queues: Any) -> bool:
+        """Whether a claim on `queues` would get a task now (pending, not paused, within its rate limit)."""
+        now = time.time()
+        return any(self.ops.claimable(self.index, q, now) for q in queues)
 
     def _reply(self, reply_to: Any, message: Message) -> None:
         key = reply_to.actor_urn
@@ -579,7 +612,7 @@ class QueueActor(HubActor):
 
     _request_handlers: dict[type, Any] = {
         Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,
-        Status: _on_status, Cancel: _on_cancel,
+        Status: _on_status, Cancel: _on_cancel, **queue_admin.HANDLERS,
     }
     _handlers: dict[type, Any] = {
         QueueRequests: _on_requests, RenewLeases: _on_renew, ExpireLeases: _on_expire_leases,

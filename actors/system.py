@@ -146,7 +146,7 @@ class BrokerSystem:
         )
         self.queue = QueueActor.start(s, wal=self.wal, history=history_link,
                                       recovered=(state.tasks, state.counters), registry=self.registry,
-                                      metrics=self.metrics)
+                                      metrics=self.metrics, ops_state=state.ops)
         self.registry.tell(UseQueue(self.queue))
         self.lease_watcher = LeaseWatcherActor.start(self.queue, s.broker.lease_check_interval_secs)
         self.compactor = CompactorActor.start(self.queue, snapshots, self.history, p)

@@ -74,6 +74,8 @@ class PersistenceSettings(_Section):
     compact_interval_secs: PosFloat = 3600.0
     snapshot_interval_secs: PosFloat = 60.0
     wal_segment_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 67108864
+    dead_set_max: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 10_000  # failed-for-good tasks kept; 0 = none
+    dead_set_retention_days: NonNegFloat = 7.0  # dead tasks older than this fall out of the dead set
 
 
 class RaftSettings(_Section):

@@ -11,7 +11,7 @@ record changes shape, add a new record type and keep reading the old one.
 
 from __future__ import annotations
 
-from msgspec import Struct
+from msgspec import Struct, structs
 
 
 class TaskState:
@@ -111,14 +111,98 @@ class TaskFinished(Struct, tag="finished", gc=False):
     error: str | None
 
 
-WalRecord = TaskSubmitted | TaskChanged | LeasesRenewed | TaskFinished
+class TaskDied(Struct, tag="died", gc=False):
+    """A task failed for good and stays in memory, state `failed`, in the dead set (payload kept).
+
+    Replay: like TaskFinished(failed) for the counters and history, but the task stays in `tasks`."""
+
+    task_id: str
+    attempts: int
+    finished_at: float
+    worker_id: str | None
+    error: str | None
 
 
-def apply_record(record: WalRecord, tasks: dict[str, Task], counters: Counters) -> Task | None:
-    """Replays one record onto `tasks`; returns the task it finished, if it finished one.
+class DeadRemoved(Struct, tag="dead_removed", gc=False):
+    """Dead tasks deleted (by an operator, or past the dead set's bounds): they leave memory."""
 
-    Records for tasks that are not live (already finished before the snapshot) are skipped.
+    task_ids: list[str]
+
+
+class TasksRequeued(Struct, tag="requeued", gc=False):
+    """Dead tasks made pending again with a fresh attempt count; `task_ids[i]` gets ready_seq `first_seq + i`."""
+
+    task_ids: list[str]
+    first_seq: int
+    at: float
+
+
+class QueueSettings(Struct, gc=False):
+    """Operator settings of one named queue; a queue with the defaults has no entry."""
+
+    paused: bool = False
+    rate_limit: float | None = None  # claims per second across all workers; None = unlimited
+
+
+class Schedule(Struct, gc=False):
+    """A named cron schedule: at each fire time of `cron` (5 fields, in time zone `tz`) one task of this spec
+    is submitted, with unique key `cron:<name>:<fire time>`. `last_fire`: the latest fire time handled
+    (submitted, or coalesced into it), unix seconds; fire times after it are still to come."""
+
+    name: str
+    cron: str
+    tz: str
+    kind: str
+    queue: str
+    priority: int
+    payload: bytes
+    max_retries: int | None
+    lease_ms: int | None
+    enabled: bool
+    last_fire: float
+
+
+class ScheduleSet(Struct, tag="schedule_set", gc=False):
+    """A schedule added, replaced, or fired (the whole schedule, with its new `last_fire`)."""
+
+    schedule: Schedule
+
+
+class ScheduleRemoved(Struct, tag="schedule_removed", gc=False):
+    name: str
+
+
+class OpsState(Struct, gc=False):
+    """The operator state beside the tasks: per-queue settings and cron schedules (replayed from the WAL)."""
+
+    queues: dict[str, QueueSettings] = {}
+    schedules: dict[str, Schedule] = {}
+
+
+class QueueSettingsSet(Struct, tag="queue_settings", gc=False):
+    """The whole settings of one queue after a PAUSE, RESUME or RATE_LIMIT (absolute values)."""
+
+    queue: str
+    paused: bool
+    rate_limit: float | None
+
+
+WalRecord = (
+    TaskSubmitted | TaskChanged | LeasesRenewed | TaskFinished | TaskDied | DeadRemoved | TasksRequeued
+    | QueueSettingsSet | ScheduleSet | ScheduleRemoved
+)
+
+
+def apply_record(
+    record: WalRecord, tasks: dict[str, Task], counters: Counters, ops: OpsState | None = None
+) -> Task | None:
+    """Replays one record onto `tasks` (and `ops`: queue settings, schedules); returns the task it finished.
+
+    Records for tasks that are not live (already finished before the snapshot) are skipped. For
+    TaskDied the task returned is a copy (for history): the live one stays in `tasks` as `failed`.
     """
+    if isinstance(record, TaskDied | DeadRemoved | TasksRequeued | QueueSettingsSet | ScheduleSet | ScheduleRemoved):
+        return apply_queue_op(record, tasks, counters, ops)
     if isinstance(record, TaskSubmitted):
         if record.task.task_id not in tasks:
             counters.submitted_total += 1
@@ -155,3 +239,52 @@ def apply_record(record: WalRecord, tasks: dict[str, Task], counters: Counters) 
     del tasks[record.task_id]
     counters.count_finished(record.state)
     return task
+
+
+def apply_queue_op(
+    record: TaskDied | DeadRemoved | TasksRequeued | QueueSettingsSet | ScheduleSet | ScheduleRemoved,
+    tasks: dict[str, Task], counters: Counters, ops: OpsState | None,
+) -> Task | None:
+    """The queue-operation records (dead set, requeue, queue settings, schedules) of `apply_record`."""
+    if isinstance(record, QueueSettingsSet | ScheduleSet | ScheduleRemoved):
+        if ops is not None:
+            _apply_ops(record, ops)
+        return None
+    if isinstance(record, DeadRemoved):
+        for task_id in record.task_ids:
+            task = tasks.get(task_id)
+            if task is not None and task.state == TaskState.FAILED:
+                del tasks[task_id]
+        return None
+    if isinstance(record, TasksRequeued):
+        for n, task_id in enumerate(record.task_ids):
+            task = tasks.get(task_id)
+            if task is not None and task.state == TaskState.FAILED:
+                task.state, task.attempts, task.run_at = TaskState.PENDING, 0, record.at
+                task.ready_seq = record.first_seq + n
+                task.worker_id = task.started_at = task.finished_at = task.lease_expires_at = None
+                task.result = task.error = None
+        return None
+    task = tasks.get(record.task_id)
+    if task is None or task.state == TaskState.FAILED:  # unknown, or this death replayed twice
+        return None
+    task.state = TaskState.FAILED
+    task.attempts = record.attempts
+    task.finished_at = record.finished_at
+    task.worker_id = record.worker_id
+    task.result = None
+    task.error = record.error
+    task.lease_expires_at = None
+    counters.count_finished(TaskState.FAILED)
+    return structs.replace(task)
+
+
+def _apply_ops(record: QueueSettingsSet | ScheduleSet | ScheduleRemoved, ops: OpsState) -> None:
+    if isinstance(record, ScheduleSet):
+        ops.schedules[record.schedule.name] = structs.replace(record.schedule)
+    elif isinstance(record, ScheduleRemoved):
+        ops.schedules.pop(record.name, None)
+    elif record.paused or record.rate_limit is not None:
+        ops.queues[record.queue] = QueueSettings(paused=record.paused, rate_limit=record.rate_limit)
+    else:
+        ops.queues.pop(record.queue, None)

@@ -17,7 +17,7 @@ import gevent
 import msgspec
 
 from storage.errors import StorageCorrupt
-from storage.model import Counters, Task, apply_record
+from storage.model import Counters, OpsState, Task, apply_record
 from storage.wal import list_segments, read_segments, wal_directory
 
 log = logging.getLogger("tqbroker.recovery")
@@ -32,6 +32,7 @@ class RecoveredState(msgspec.Struct):
     next_segment: int  # open the WAL at this segment number
     replayed_records: int
     seconds: float
+    ops: OpsState = msgspec.field(default_factory=OpsState)  # queue settings and cron schedules
 
 
 YIELD_EVERY_RECORDS = 5_000
@@ -73,9 +74,10 @@ def recover(data_dir: Path, snapshots: SnapshotSource, *, accept_wal_damage: boo
         tasks = {task.task_id: task for task in task_list}
         snapshot_tasks = len(task_list)
     finished: list[Task] = []
+    ops = OpsState()
     replayed = 0
     for record in read_segments(wal_dir, from_segment, accept_damage=accept_wal_damage):
-        done = apply_record(record, tasks, counters)
+        done = apply_record(record, tasks, counters, ops)
         if done is not None:
             finished.append(done)
         replayed += 1
@@ -89,4 +91,4 @@ def recover(data_dir: Path, snapshots: SnapshotSource, *, accept_wal_damage: boo
         "%d tasks finished during replay) in %.2f s",
         len(tasks), snapshot_tasks, replayed, from_segment, len(finished), seconds,
     )
-    return RecoveredState(tasks, finished, counters, next_segment, replayed, seconds)
+    return RecoveredState(tasks, finished, counters, next_segment, replayed, seconds, ops)

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from transport import messages_ops as ops
 from transport.frames import (
     FrameError,
     FrameReader,
@@ -102,6 +103,29 @@ VALID: dict[type[Message], st.SearchStrategy[Any]] = {
     Workers: st.builds(Workers, id=u32),
     Query: st.builds(Query, id=u32, sql=st.text(min_size=1, max_size=80)),
 }
+VALID.update({  # protocol 1.1: queue operations (transport/messages_ops.py)
+    ops.Pause: st.builds(ops.Pause, id=u32, queue=queue_name),
+    ops.Resume: st.builds(ops.Resume, id=u32, queue=queue_name),
+    ops.RateLimit: st.builds(ops.RateLimit, id=u32, queue=queue_name,
+                             per_second=st.none() | st.floats(0.001, 1_000_000)),
+    ops.Purge: st.builds(ops.Purge, id=u32, queue=queue_name, scheduled=st.booleans()),
+    ops.Requeue: st.builds(ops.Requeue, id=u32, task_id=st.none() | text200, all=st.booleans(),
+                           queue=st.none() | queue_name, kind=st.none() | text200),
+    ops.DeleteDead: st.builds(ops.DeleteDead, id=u32, task_id=st.none() | text200, all=st.booleans(),
+                              queue=st.none() | queue_name, kind=st.none() | text200),
+    ops.Queues: st.builds(ops.Queues, id=u32),
+    ops.DeadList: st.builds(ops.DeadList, id=u32, queue=st.none() | queue_name, kind=st.none() | text200,
+                            limit=st.integers(1, 1000), after=st.none() | st.integers(0, 2**40),
+                            newest_first=st.booleans()),
+    ops.Browse: st.builds(ops.Browse, id=u32, state=st.sampled_from(["pending", "dead", "completed"]),
+                          queue=st.none() | queue_name, kind=st.none() | text200, limit=st.integers(1, 1000),
+                          cursor=st.none() | st.text(max_size=40), newest_first=st.booleans()),
+    ops.ScheduleAdd: st.builds(ops.ScheduleAdd, id=u32, name=text200, cron=st.text(min_size=1, max_size=40),
+                               task=task_spec, tz=st.text(min_size=1, max_size=20), enabled=st.booleans(),
+                               since=st.none() | st.floats(-62_135_596_800, 253_402_300_799)),
+    ops.ScheduleRemove: st.builds(ops.ScheduleRemove, id=u32, name=text200),
+    ops.Schedules: st.builds(ops.Schedules, id=u32),
+})
 REQUEST_CLASSES = sorted(REQUEST_TYPES.values(), key=lambda cls: cls.type_byte)
 
 

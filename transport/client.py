@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from transport import messages as m
+from transport import messages_ops as ops
 from transport.connection import RECV_BYTES, Connection, PendingReply, error_reason
 from transport.errors import (
     BrokerError,
@@ -286,3 +287,55 @@ class Client:
     def query_rows(self, sql: str) -> m.Rows:
         """`query`, as the ROWS reply itself (with `truncated`: rows were left out)."""
         return self._call(m.Rows, m.Query, sql=sql)
+
+    # ------------------------------------------------------------ queue operations (protocol 1.1)
+
+    def pause(self, queue: str) -> None:
+        """The queue keeps accepting SUBMITs but hands nothing out until `resume`."""
+        self._call(m.Ok, ops.Pause, queue=queue)
+
+    def resume(self, queue: str) -> None:
+        self._call(m.Ok, ops.Resume, queue=queue)
+
+    def rate_limit(self, queue: str, per_second: float | None) -> None:
+        """At most `per_second` claims per second from `queue` across all workers; None clears it."""
+        self._call(m.Ok, ops.RateLimit, queue=queue, per_second=per_second)
+
+    def purge(self, queue: str, scheduled: bool = False) -> int:
+        """Cancels the queue's pending (and with `scheduled`, scheduled) tasks; returns how many."""
+        return self._call(ops.Count, ops.Purge, queue=queue, scheduled=scheduled).count
+
+    def requeue(self, task_id: str | None = None, *, all: bool = False, queue: str | None = None,
+                kind: str | None = None) -> int:
+        """Dead tasks back to pending under the same id: one `task_id`, or `all=True` (optionally filtered)."""
+        return self._call(ops.Count, ops.Requeue, task_id=task_id, all=all, queue=queue, kind=kind).count
+
+    def delete_dead(self, task_id: str | None = None, *, all: bool = False, queue: str | None = None,
+                    kind: str | None = None) -> int:
+        return self._call(ops.Count, ops.DeleteDead, task_id=task_id, all=all, queue=queue, kind=kind).count
+
+    def queues(self) -> list[ops.QueueInfo]:
+        return self._call(ops.QueueList, ops.Queues).queues
+
+    def dead(self, queue: str | None = None, kind: str | None = None, limit: int = 100, after: int | None = None,
+             newest_first: bool = False) -> ops.DeadPage:
+        """One page of the dead set; pass the page's `next` as `after` for the following one."""
+        return self._call(ops.DeadPage, ops.DeadList, queue=queue, kind=kind, limit=limit, after=after,
+                          newest_first=newest_first)
+
+    def browse(self, state: str, *, queue: str | None = None, kind: str | None = None, limit: int = 100,
+               cursor: str | None = None, newest_first: bool = False) -> ops.TaskPage:
+        """One page of tasks in `state`; pass the page's `next` as `cursor` for the following one."""
+        return self._call(ops.TaskPage, ops.Browse, state=state, queue=queue, kind=kind, limit=limit,
+                          cursor=cursor, newest_first=newest_first)
+
+    def schedule_add(self, name: str, cron: str, task: m.TaskSpec, *, tz: str = "UTC", enabled: bool = True,
+                     since: float | None = None) -> None:
+        """Adds or replaces the cron schedule `name`: one `task` per fire time of `cron` (5 fields) in `tz`."""
+        self._call(m.Ok, ops.ScheduleAdd, name=name, cron=cron, task=task, tz=tz, enabled=enabled, since=since)
+
+    def schedule_remove(self, name: str) -> None:
+        self._call(m.Ok, ops.ScheduleRemove, name=name)
+
+    def schedules(self) -> list[ops.ScheduleInfo]:
+        return self._call(ops.ScheduleList, ops.Schedules).schedules

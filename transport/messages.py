@@ -251,6 +251,7 @@ class Welcome(Message, frozen=True):
     protocol: int
     heartbeat_interval_ms: int
     max_batch_claim: int
+    version: str | None = None  # "1.1": the queue operations of docs/protocol.md "Version 1.1" are served
 
 
 class Submitted(Message, frozen=True):
@@ -311,6 +312,11 @@ class Error(Message, frozen=True):
     message: str
 
 
+from transport.messages_ops import (  # noqa: E402  (protocol 1.1; they subclass Message above)
+    OPS_REQUESTS,
+    OPS_RESPONSES,
+)
+
 Request = (
     Hello | Submit | SubmitBatch | Claim | Result | Heartbeat | Status | Cancel | Stats | Register
     | Deregister | Workers | Query
@@ -323,12 +329,12 @@ Response = (
 REQUEST_TYPES: dict[int, type[Message]] = {
     cls.type_byte: cls
     for cls in (Hello, Submit, SubmitBatch, Claim, Result, Heartbeat, Status, Cancel, Stats, Register,
-                Deregister, Workers, Query)
+                Deregister, Workers, Query, *OPS_REQUESTS)
 }
 RESPONSE_TYPES: dict[int, type[Message]] = {
     cls.type_byte: cls
     for cls in (Ok, Welcome, Submitted, SubmittedBatch, Assigned, TaskStatus, StatsReply, Registered,
-                WorkerList, Rows, Error)
+                WorkerList, Rows, Error, *OPS_RESPONSES)
 }
 
 

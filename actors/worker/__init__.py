@@ -20,6 +20,7 @@ from actors.worker.sdk import (
     encode_result,
     get_client,
     registered_tasks,
+    schedule,
     task,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "encode_result",
     "get_client",
     "registered_tasks",
+    "schedule",
     "task",
 ]

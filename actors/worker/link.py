@@ -42,6 +42,7 @@ class Registration(Struct):
     concurrency: int
     metadata: dict[str, str]
     worker_id: str | None = None
+    schedules: list[tuple[str, str, str, Any]] = []  # (name, cron, tz, TaskSpec) of @task(cron=...), stored at dial
 
 
 class Connected(Struct, frozen=True):
@@ -167,6 +168,14 @@ class LinkActor(pykka.ThreadingActor):
             delay_s = backoff_delay(self.failed_dials, BACKOFF_FIRST_S, BACKOFF_MAX_S)
             self._dial_timer = gevent.spawn_later(delay_s, tell_quietly, self.actor_ref, _Dial())
 
+    def _store_schedules(self) -> None:
+        """SCHEDULE_ADD for each @task(cron=...): idempotent (same cron keeps its place), so every dial may."""
+        for name, cron, tz, spec in self.registration.schedules:
+            try:
+                self.control.schedule_add(name, cron, spec, tz=tz)
+            except (ClientError, BrokerError, RequestTimeout) as exc:
+                log.error("could not store the schedule of %s (%s): %s", name, cron, exc)
+
     def _dial(self) -> None:
         """Connect both clients and REGISTER; on failure try again after the backoff."""
         if self.connected:
@@ -193,6 +202,7 @@ class LinkActor(pykka.ThreadingActor):
                      backoff_delay(self.failed_dials + 1, BACKOFF_FIRST_S, BACKOFF_MAX_S))
             self._schedule_dial()
             return
+        self._store_schedules()
         first = reg.worker_id is None
         reg.worker_id = worker_id
         self.generation += 1

@@ -34,7 +34,7 @@ from actors.worker.heartbeat import HeartbeatActor
 from actors.worker.link import DeregisterNow, LinkActor, Listen, Registration, Stopping
 from actors.worker.pool import Backend, ProcessBackend, ThreadBackend, terminate_children
 from actors.worker.roles import ClaimerActor, ExecutorActor, ReporterActor, Stop, WhenDone
-from actors.worker.sdk import registered_tasks
+from actors.worker.sdk import cron_schedules, registered_tasks
 from config.settings import ConfigError, Settings, load_settings
 from transport.client_settings import ClientSettings, ClientSettingsError
 from transport.messages import MAX_QUEUE_NAME, QUEUE_NAME_PATTERN
@@ -127,6 +127,7 @@ class WorkerConfig:
             concurrency=self.concurrency,
             metadata={"kinds": ",".join(sorted(kinds))[:4096], "pool": self.pool,
                       "modules": ",".join(self.modules)[:4096]},
+            schedules=cron_schedules(kinds),
         )
 
 

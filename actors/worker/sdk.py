@@ -269,7 +269,7 @@ class Task(Generic[P, R]):
 
     def __init__(self, fn: Callable[P, R], *, name: str | None = None, queue: str = "default",
                  priority: int | str = "normal", max_retries: int | None = None,
-                 lease_ms: int | None = None) -> None:
+                 lease_ms: int | None = None, cron: str | None = None, cron_tz: str = "UTC") -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.kind = name if name is not None else f"{fn.__module__}.{fn.__qualname__}"
@@ -282,6 +282,9 @@ class Task(Generic[P, R]):
                              "max_retries": max_retries, "lease_ms": lease_ms}, m.TaskSpec)
         except msgspec.ValidationError as exc:
             raise ValueError(f"@task {self.kind}: {exc}") from None
+        self.cron, self.cron_tz = cron, cron_tz  # a worker serving this kind registers the schedule at start
+        if cron is not None:
+            _check_cron(self.kind, cron, cron_tz)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -356,6 +359,28 @@ def _register(t: Task[Any, Any]) -> None:
         _registry[t.kind] = t  # a module imported again (reload) replaces its own tasks
 
 
+def _check_cron(kind: str, cron: str, tz: str) -> None:
+    from actors.cron import CronError, check  # cronsim only when a schedule is used
+
+    try:
+        check(cron, tz)
+    except CronError as exc:
+        raise ValueError(f"@task {kind}: {exc}") from None
+
+
+def schedule(name: str, cron: str, task: Task[Any, Any], *args: Any, tz: str = "UTC",
+             client: Client | None = None, **kwargs: Any) -> None:
+    """Stores (or replaces) the broker's cron schedule `name`: `task(*args, **kwargs)` is submitted once per
+    fire time of `cron` (5 fields) in time zone `tz`. Replacing it with the same cron and zone keeps its
+    place, so running this at every start never fires twice for one time."""
+    _live(client).schedule_add(name, cron, task.spec(args, kwargs), tz=tz)
+
+
+def cron_schedules(kinds: dict[str, Task[Any, Any]]) -> list[tuple[str, str, str, m.TaskSpec]]:
+    """(name, cron, tz, spec) of every `@task(cron=...)` among `kinds`; the worker registers them."""
+    return [(t.kind, t.cron, t.cron_tz, t.spec()) for t in kinds.values() if t.cron is not None]
+
+
 @overload
 def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 
@@ -363,21 +388,26 @@ def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 @overload
 def task(
     *, name: str | None = None, queue: str = "default", priority: int | str = "normal",
-    max_retries: int | None = None, lease_ms: int | None = None,
+    max_retries: int | None = None, lease_ms: int | None = None, cron: str | None = None, cron_tz: str = "UTC",
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def task(fn: Callable[P, R] | None = None, /, *, name: str | None = None, queue: str = "default",
          priority: int | str = "normal", max_retries: int | None = None,
-         lease_ms: int | None = None) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+         lease_ms: int | None = None, cron: str | None = None,
+         cron_tz: str = "UTC") -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Register a function as a task kind; usable bare (`@task`) or with options (`@task(queue=...)`).
+
+    `cron` ("*/5 * * * *", in time zone `cron_tz`): a worker serving this kind stores a broker schedule
+    named after the kind at start (and on every reconnect), which submits the task without arguments.
 
     `max_retries` and `lease_ms` left as None take the broker's defaults (broker.default_max_retries,
     broker.worker_lease_timeout_secs). Options are validated here, against the protocol's limits.
     """
 
     def wrap(f: Callable[P, R]) -> Task[P, R]:
-        t = Task(f, name=name, queue=queue, priority=priority, max_retries=max_retries, lease_ms=lease_ms)
+        t = Task(f, name=name, queue=queue, priority=priority, max_retries=max_retries, lease_ms=lease_ms,
+                 cron=cron, cron_tz=cron_tz)
         _register(t)
         return t
 

@@ -1,0 +1,210 @@
+"""CLI commands for queue operations (protocol 1.1): `queues`, `pause`, `resume`, `purge`, `ratelimit`,
+`tasks`, `dead`, `requeue`, `dead-delete`, `schedules`, `schedule add|rm`.
+
+Same rules as `actors.cli`: `--json` for machine output, every failure one `error: ...` line and exit
+status 1. `add_parsers` is called by `actors.cli.build_parser`; each sub-command carries its handler
+as `args.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import msgspec
+
+from actors.cli import CliError, OfflineQuery, _client, _json_value, _print_json, _priority, _when, format_table
+from transport.errors import NotFound
+from transport.messages import TaskSpec
+
+
+def cmd_queues(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    with _client(args) as client:
+        queues = client.queues()
+    if args.json:
+        return _print_json(queues)
+    columns = ["queue", "pending", "scheduled", "running", "dead", "paused", "rate_limit"]
+    rows = [[q.name, q.pending, q.scheduled, q.running, q.dead, q.paused,
+             "off" if q.rate_limit is None else f"{q.rate_limit:g}/s"] for q in queues]
+    print(format_table(columns, rows))
+
+
+def _setting(args: argparse.Namespace, done: str, call: Any) -> None:
+    with _client(args) as client:
+        call(client)
+    if args.json:
+        return _print_json({"queue": args.queue, "done": done})
+    print(f"queue {args.queue}: {done}")
+
+
+def cmd_pause(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    _setting(args, "paused", lambda c: c.pause(args.queue))
+
+
+def cmd_resume(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    _setting(args, "resumed", lambda c: c.resume(args.queue))
+
+
+def cmd_ratelimit(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    rate = args.rate
+    done = "rate limit off" if rate is None else f"rate limit {rate:g} claims/s"
+    _setting(args, done, lambda c: c.rate_limit(args.queue, rate))
+
+
+def cmd_purge(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    with _client(args) as client:
+        count = client.purge(args.queue, scheduled=args.scheduled)
+    if args.json:
+        return _print_json({"queue": args.queue, "purged": count})
+    print(f"queue {args.queue}: {count} task{'' if count == 1 else 's'} cancelled")
+
+
+def cmd_dead(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    with _client(args) as client:
+        page = client.dead(queue=args.queue, kind=args.kind, limit=args.limit, after=args.after,
+                           newest_first=args.newest)
+    if args.json:
+        return _print_json(page)
+    columns = ["task_id", "queue", "kind", "attempts", "failed_at", "error"]
+    rows = [[t.task_id, t.queue, t.kind, t.attempts, _when(t.finished_at), t.error] for t in page.tasks]
+    print(format_table(columns, rows))
+    if page.next is not None:
+        print(f"(more: --after {page.next})")
+
+
+def cmd_tasks(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    with _client(args) as client:
+        page = client.browse(args.state, queue=args.queue, kind=args.kind, limit=args.limit, cursor=args.cursor,
+                             newest_first=args.newest)
+    if args.json:
+        return _print_json(page)
+    columns = ["task_id", "queue", "kind", "state", "priority", "attempts", "submitted_at", "error"]
+    rows = [[t.task_id, t.queue, t.kind, t.state, t.priority, t.attempts, _when(t.submitted_at), t.error]
+            for t in page.tasks]
+    print(format_table(columns, rows))
+    if page.next is not None:
+        print(f"(more: --cursor {page.next})")
+
+
+def _dead_targets(args: argparse.Namespace) -> dict[str, Any]:
+    if (args.task_id is None) == (not args.all):
+        raise CliError("give either TASK_ID or --all (optionally with --queue and --kind)")
+    if args.task_id is not None and (args.queue or args.kind):
+        raise CliError("--queue and --kind go with --all, not with a TASK_ID")
+    return {"task_id": args.task_id, "all": args.all, "queue": args.queue, "kind": args.kind}
+
+
+def _dead_op(args: argparse.Namespace, verb: str, call: Any) -> None:
+    targets = _dead_targets(args)
+    with _client(args) as client:
+        try:
+            count = call(client, targets)
+        except NotFound:
+            raise CliError(f"task {args.task_id} is not in the dead set (list it with `dead`)") from None
+    if args.json:
+        return _print_json({verb: count})
+    print(f"{count} dead task{'' if count == 1 else 's'} {verb}")
+
+
+def cmd_requeue(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    _dead_op(args, "requeued", lambda c, t: c.requeue(t.pop("task_id"), **t))
+
+
+def cmd_dead_delete(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    _dead_op(args, "deleted", lambda c, t: c.delete_dead(t.pop("task_id"), **t))
+
+
+def cmd_schedules(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    with _client(args) as client:
+        schedules = client.schedules()
+    if args.json:
+        return _print_json(schedules)
+    columns = ["name", "cron", "tz", "kind", "queue", "enabled", "last_fire", "next_fire"]
+    rows = [[s.name, s.cron, s.tz, s.kind, s.queue, s.enabled, _when(s.last_fire), _when(s.next_fire)]
+            for s in schedules]
+    print(format_table(columns, rows))
+
+
+def cmd_schedule(args: argparse.Namespace, offline_query: OfflineQuery | None) -> None:
+    with _client(args) as client:
+        if args.action == "rm":
+            try:
+                client.schedule_remove(args.name)
+            except NotFound:
+                raise CliError(f"no schedule named {args.name} (list them with `schedules`)") from None
+        else:
+            payload = b"" if args.payload is None else msgspec.msgpack.encode(args.payload)
+            spec = TaskSpec(kind=args.kind, payload=payload, queue=args.queue, priority=args.priority)
+            client.schedule_add(args.name, args.cron, spec, tz=args.tz)
+    done = "removed" if args.action == "rm" else "set"
+    if args.json:
+        return _print_json({"schedule": args.name, "done": done})
+    print(f"schedule {args.name}: {done}")
+
+
+def _rate(text: str) -> float | None:
+    if text == "off":
+        return None
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not 0 < rate <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of claims per second (0-1000000] or off")
+    return rate
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Adds the queue-operation sub-commands to the CLI's sub-parsers."""
+    sub.add_parser("queues", parents=[common], help="each queue: counts, dead, paused, rate limit").set_defaults(
+        run=cmd_queues)
+    for name, run, text in (("pause", cmd_pause, "stop handing out a queue's tasks (submits still accepted)"),
+                            ("resume", cmd_resume, "hand out a paused queue's tasks again")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("queue", metavar="QUEUE")
+        p.set_defaults(run=run)
+    p = sub.add_parser("ratelimit", parents=[common], help="at most N claims/s from a queue, or off")
+    p.add_argument("queue", metavar="QUEUE")
+    p.add_argument("rate", type=_rate, metavar="N|off")
+    p.set_defaults(run=cmd_ratelimit)
+    p = sub.add_parser("purge", parents=[common], help="cancel a queue's pending tasks")
+    p.add_argument("queue", metavar="QUEUE")
+    p.add_argument("--scheduled", action="store_true", help="also the scheduled ones")
+    p.set_defaults(run=cmd_purge)
+    p = sub.add_parser("dead", parents=[common], help="tasks that failed for good (the dead set)")
+    p.add_argument("--queue")
+    p.add_argument("--kind")
+    p.add_argument("--limit", type=int, default=100, choices=range(1, 1001), metavar="N", help="1-1000")
+    p.add_argument("--after", type=int, metavar="CURSOR", help="the cursor a previous page printed")
+    p.add_argument("--newest", action="store_true", help="newest first")
+    p.set_defaults(run=cmd_dead)
+    p = sub.add_parser("tasks", parents=[common], help="a page of tasks in one state")
+    p.add_argument("--state", default="pending", choices=["scheduled", "pending", "running", "dead", "completed",
+                                                          "failed", "cancelled"])
+    p.add_argument("--queue")
+    p.add_argument("--kind")
+    p.add_argument("--limit", type=int, default=100, choices=range(1, 1001), metavar="N", help="1-1000")
+    p.add_argument("--cursor", help="the cursor a previous page printed")
+    p.add_argument("--newest", action="store_true", help="newest first")
+    p.set_defaults(run=cmd_tasks)
+    sub.add_parser("schedules", parents=[common], help="cron schedules").set_defaults(run=cmd_schedules)
+    p = sub.add_parser("schedule", parents=[common], help="add or remove a cron schedule")
+    actions = p.add_subparsers(dest="action", required=True, metavar="add|rm")
+    add = actions.add_parser("add", parents=[common], help="add or replace a schedule")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--cron", required=True, metavar="EXPR", help='5 fields, e.g. "*/5 * * * *"')
+    add.add_argument("--tz", default="UTC", metavar="ZONE", help="IANA time zone (default UTC)")
+    add.add_argument("--kind", required=True, metavar="KIND")
+    add.add_argument("--queue", default="default")
+    add.add_argument("--payload", type=_json_value, metavar="JSON", help="JSON value, sent MessagePack-encoded")
+    add.add_argument("--priority", type=_priority, default="normal", metavar="P", help="high, normal, low or 0-255")
+    actions.add_parser("rm", parents=[common], help="remove a schedule").add_argument("name", metavar="NAME")
+    p.set_defaults(run=cmd_schedule)
+    for name, run, text in (("requeue", cmd_requeue, "dead tasks back to pending, same id"),
+                            ("dead-delete", cmd_dead_delete, "delete dead tasks (history keeps them)")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("task_id", nargs="?", metavar="TASK_ID")
+        p.add_argument("--all", action="store_true", help="every dead task (matching --queue/--kind)")
+        p.add_argument("--queue")
+        p.add_argument("--kind")
+        p.set_defaults(run=run)
