@@ -351,9 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_common(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, command in COMMANDS.items():
+    for name, command in all_commands().items():
         command.arguments(sub.add_parser(name, parents=[common], help=command.help, description=command.help))
     return parser
+
+
+def all_commands() -> dict[str, Command]:
+    """COMMANDS and the queue operations' (actors.cli_queues, which builds on this module's helpers)."""
+    from actors.cli_queues import QUEUE_COMMANDS
+
+    return {**COMMANDS, **QUEUE_COMMANDS}
 
 
 def client_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ClientSettings:
@@ -376,7 +383,7 @@ def main(argv: list[str] | None = None, offline_query: OfflineQuery | None = Non
         return exc.code if isinstance(exc.code, int) else 2
     address = args.settings.address
     try:
-        (COMMANDS.get(args.command) or args.run)(args, offline_query)
+        all_commands()[args.command].handler(args, offline_query)
         return 0
     except BrokenPipeError:  # `... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

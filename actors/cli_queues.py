@@ -2,8 +2,7 @@
 `tasks`, `dead`, `requeue`, `dead-delete`, `schedules`, `schedule add|rm`.
 
 Same rules as `actors.cli`: `--json` for machine output, every failure one `error: ...` line and exit
-status 1. `add_parsers` is called by `actors.cli.build_parser`; each sub-command carries its handler
-as `args.run`.
+status 1. `QUEUE_COMMANDS` joins `actors.cli.COMMANDS` through `actors.cli.all_commands`.
 """
 
 from __future__ import annotations
@@ -13,7 +12,18 @@ from typing import Any
 
 import msgspec
 
-from actors.cli import CliError, OfflineQuery, _client, _json_value, _print_json, _priority, _when, format_table
+from actors.cli import (
+    CliError,
+    Command,
+    OfflineQuery,
+    _client,
+    _json_value,
+    _print_json,
+    _priority,
+    _when,
+    format_table,
+)
+from actors.cli import _add_common as add_common
 from transport.errors import NotFound
 from transport.messages import TaskSpec
 
@@ -154,57 +164,73 @@ def _rate(text: str) -> float | None:
     return rate
 
 
-def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Adds the queue-operation sub-commands to the CLI's sub-parsers."""
-    sub.add_parser("queues", parents=[common], help="each queue: counts, dead, paused, rate limit").set_defaults(
-        run=cmd_queues)
-    for name, run, text in (("pause", cmd_pause, "stop handing out a queue's tasks (submits still accepted)"),
-                            ("resume", cmd_resume, "hand out a paused queue's tasks again")):
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("queue", metavar="QUEUE")
-        p.set_defaults(run=run)
-    p = sub.add_parser("ratelimit", parents=[common], help="at most N claims/s from a queue, or off")
-    p.add_argument("queue", metavar="QUEUE")
-    p.add_argument("rate", type=_rate, metavar="N|off")
-    p.set_defaults(run=cmd_ratelimit)
-    p = sub.add_parser("purge", parents=[common], help="cancel a queue's pending tasks")
-    p.add_argument("queue", metavar="QUEUE")
+def _queue_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("queue", metavar="QUEUE", help="the queue's name")
+
+
+def _ratelimit_args(p: argparse.ArgumentParser) -> None:
+    _queue_arg(p)
+    p.add_argument("rate", type=_rate, metavar="N|off", help="claims per second across all workers, or off")
+
+
+def _purge_args(p: argparse.ArgumentParser) -> None:
+    _queue_arg(p)
     p.add_argument("--scheduled", action="store_true", help="also the scheduled ones")
-    p.set_defaults(run=cmd_purge)
-    p = sub.add_parser("dead", parents=[common], help="tasks that failed for good (the dead set)")
-    p.add_argument("--queue")
-    p.add_argument("--kind")
+
+
+def _page_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--queue", help="only this queue")
+    p.add_argument("--kind", help="only this kind")
     p.add_argument("--limit", type=int, default=100, choices=range(1, 1001), metavar="N", help="1-1000")
+    p.add_argument("--newest", action="store_true", help="newest first")
+
+
+def _dead_args(p: argparse.ArgumentParser) -> None:
+    _page_args(p)
     p.add_argument("--after", type=int, metavar="CURSOR", help="the cursor a previous page printed")
-    p.add_argument("--newest", action="store_true", help="newest first")
-    p.set_defaults(run=cmd_dead)
-    p = sub.add_parser("tasks", parents=[common], help="a page of tasks in one state")
-    p.add_argument("--state", default="pending", choices=["scheduled", "pending", "running", "dead", "completed",
-                                                          "failed", "cancelled"])
-    p.add_argument("--queue")
-    p.add_argument("--kind")
-    p.add_argument("--limit", type=int, default=100, choices=range(1, 1001), metavar="N", help="1-1000")
+
+
+def _tasks_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", default="pending", help="the state to list (default pending)",
+                   choices=["scheduled", "pending", "running", "dead", "completed", "failed", "cancelled"])
+    _page_args(p)
     p.add_argument("--cursor", help="the cursor a previous page printed")
-    p.add_argument("--newest", action="store_true", help="newest first")
-    p.set_defaults(run=cmd_tasks)
-    sub.add_parser("schedules", parents=[common], help="cron schedules").set_defaults(run=cmd_schedules)
-    p = sub.add_parser("schedule", parents=[common], help="add or remove a cron schedule")
+
+
+def _schedule_args(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="add|rm")
-    add = actions.add_parser("add", parents=[common], help="add or replace a schedule")
-    add.add_argument("name", metavar="NAME")
+    add = actions.add_parser("add", help="add or replace a schedule")
+    add_common(add, suppress=True)
+    add.add_argument("name", metavar="NAME", help="the schedule's name")
     add.add_argument("--cron", required=True, metavar="EXPR", help='5 fields, e.g. "*/5 * * * *"')
     add.add_argument("--tz", default="UTC", metavar="ZONE", help="IANA time zone (default UTC)")
-    add.add_argument("--kind", required=True, metavar="KIND")
-    add.add_argument("--queue", default="default")
+    add.add_argument("--kind", required=True, metavar="KIND", help="the task kind to submit")
+    add.add_argument("--queue", default="default", help="the queue to submit to (default default)")
     add.add_argument("--payload", type=_json_value, metavar="JSON", help="JSON value, sent MessagePack-encoded")
     add.add_argument("--priority", type=_priority, default="normal", metavar="P", help="high, normal, low or 0-255")
-    actions.add_parser("rm", parents=[common], help="remove a schedule").add_argument("name", metavar="NAME")
-    p.set_defaults(run=cmd_schedule)
-    for name, run, text in (("requeue", cmd_requeue, "dead tasks back to pending, same id"),
-                            ("dead-delete", cmd_dead_delete, "delete dead tasks (history keeps them)")):
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("task_id", nargs="?", metavar="TASK_ID")
-        p.add_argument("--all", action="store_true", help="every dead task (matching --queue/--kind)")
-        p.add_argument("--queue")
-        p.add_argument("--kind")
-        p.set_defaults(run=run)
+    rm = actions.add_parser("rm", help="remove a schedule")
+    add_common(rm, suppress=True)
+    rm.add_argument("name", metavar="NAME", help="the schedule's name")
+
+
+def _dead_pick_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task_id", nargs="?", metavar="TASK_ID", help="one dead task (or --all)")
+    p.add_argument("--all", action="store_true", help="every dead task (matching --queue/--kind)")
+    p.add_argument("--queue", help="with --all: only this queue")
+    p.add_argument("--kind", help="with --all: only this kind")
+
+
+# The queue-operation commands (protocol 1.1), merged into actors.cli's table by `all_commands()`.
+QUEUE_COMMANDS: dict[str, Command] = {
+    "queues": Command("each queue: counts, dead, paused, rate limit", cmd_queues),
+    "pause": Command("stop handing out a queue's tasks (submits still accepted)", cmd_pause, _queue_arg),
+    "resume": Command("hand out a paused queue's tasks again", cmd_resume, _queue_arg),
+    "ratelimit": Command("at most N claims/s from a queue, or off", cmd_ratelimit, _ratelimit_args),
+    "purge": Command("cancel a queue's pending tasks", cmd_purge, _purge_args),
+    "dead": Command("tasks that failed for good (the dead set)", cmd_dead, _dead_args),
+    "tasks": Command("a page of tasks in one state", cmd_tasks, _tasks_args),
+    "schedules": Command("cron schedules", cmd_schedules),
+    "schedule": Command("add or remove a cron schedule", cmd_schedule, _schedule_args),
+    "requeue": Command("dead tasks back to pending, same id", cmd_requeue, _dead_pick_args),
+    "dead-delete": Command("delete dead tasks (history keeps them)", cmd_dead_delete, _dead_pick_args),
+}

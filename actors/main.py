@@ -26,9 +26,9 @@ log = logging.getLogger("tqbroker")
 
 def command_lines() -> list[tuple[str, str]]:
     """Every command with its one-line help, in the order `tqbroker --help` lists them."""
-    from actors.cli import COMMANDS
+    from actors.cli import all_commands
 
-    return [("worker", WORKER_HELP), *((name, command.help) for name, command in COMMANDS.items())]
+    return [("worker", WORKER_HELP), *((name, command.help) for name, command in all_commands().items())]
 
 
 def broker_parser() -> argparse.ArgumentParser:
@@ -74,10 +74,10 @@ def main(argv: list[str]) -> int:
 
         return worker_main(argv[1:])
     if argv and not argv[0].startswith("-"):
-        from actors.cli import COMMANDS, unknown_command
+        from actors.cli import all_commands, unknown_command
         from actors.cli import main as cli_main
 
-        if argv[0] in COMMANDS:
+        if argv[0] in all_commands():
             return cli_main(argv, offline_query=_offline_query)
         print(f"tqbroker: {unknown_command(argv[0], [name for name, _ in command_lines()])}", file=sys.stderr)
         return 2
