@@ -49,12 +49,13 @@ def with_running(workers: list[WorkerInfo], by_worker: dict[str, set[str]]) -> l
     return [msgspec.structs.replace(w, running=sorted(by_worker.get(w.worker_id, ()))) for w in workers]
 
 
-def stats_info(idx: TaskIndex, c: Counters, workers_alive: int, connections: int, uptime_s: float) -> StatsInfo:
+def stats_info(idx: TaskIndex, c: Counters, workers_alive: int, connections: int, uptime_s: float,
+               paused: list[str] | None = None) -> StatsInfo:
     return StatsInfo(
         pending=idx.pending_total, scheduled=idx.scheduled_total, running=idx.running_total,
         completed_total=c.completed_total, failed_total=c.failed_total, cancelled_total=c.cancelled_total,
         submitted_total=c.submitted_total, workers_alive=workers_alive, connections=connections,
-        uptime_s=uptime_s, queues=idx.queue_stats(),
+        uptime_s=uptime_s, queues=idx.queue_stats(), paused=paused or None,
     )
 
 

@@ -145,7 +145,8 @@ def cmd_stats(args: argparse.Namespace, offline_query: OfflineQuery | None) -> N
         return _print_json(stats)
     fields = ("pending", "scheduled", "running", "completed_total", "failed_total", "cancelled_total",
               "submitted_total", "workers_alive", "connections")
-    print(_key_values([*((f, getattr(stats, f)) for f in fields), ("uptime", f"{stats.uptime_s:.0f}s")]))
+    print(_key_values([*((f, getattr(stats, f)) for f in fields), ("uptime", f"{stats.uptime_s:.0f}s"),
+                       ("paused", ", ".join(stats.paused or []) or "none")]))
     if stats.queues:
         columns = ["queue", "pending", "scheduled", "running", "high", "normal", "low"]
         rows = [[name, *(getattr(q, c) for c in columns[1:])] for name, q in sorted(stats.queues.items())]

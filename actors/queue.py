@@ -466,7 +466,9 @@ class QueueActor(HubActor):
         self.metrics.pending_payload_bytes.set(self.payload_bytes)
 
     def _on_fill_stats(self, msg: FillStats) -> None:
-        stats = stats_info(self.index, self.counters, msg.workers_alive, msg.connections, time.time() - self.started)
+        paused = sorted(q for q, setting in self.ops.settings.items() if setting.paused)
+        stats = stats_info(self.index, self.counters, msg.workers_alive, msg.connections, time.time() - self.started,
+                           paused)
         self._reply(msg.reply_to, StatsReply(id=msg.request_id, stats=stats))
 
     def _on_fill_workers(self, msg: FillWorkers) -> None:

@@ -53,6 +53,17 @@ def test_a_paused_queue_accepts_submits_but_hands_nothing_out_until_resumed(brok
     assert job.task_id == task_id
 
 
+def test_stats_lists_paused_queues_and_leaves_the_key_out_while_none_is(broker: BrokerProcess) -> None:
+    c = broker.client()
+    assert c.stats().paused is None  # nothing paused: the v1 STATS reply, byte for byte
+    c.pause("q")
+    c.pause("a")
+    assert c.stats().paused == ["a", "q"]
+    c.resume("a")
+    c.resume("q")
+    assert c.stats().paused is None
+
+
 def test_resume_wakes_a_claim_waiting_on_the_paused_queue(broker: BrokerProcess) -> None:
     c, admin = broker.client(), broker.client()
     c.pause("q")

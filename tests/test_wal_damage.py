@@ -340,7 +340,7 @@ def damaged_db(tmp_path: Path) -> Iterator[Any]:
     path = tmp_path / "tqbroker.duckdb"
     db = DatabaseProcess(path)
     db.history.append([stored_task(i, "completed", "done") for i in range(2000)])
-    db.snapshots.write(msgspec.msgpack.encode([stored_task(i, "pending", "live") for i in range(2000)]), Counters(), 1)
+    db.snapshots.write([stored_task(i, "pending", "live") for i in range(2000)], Counters(), 1)
     db.history.checkpoint()
     db.close()
     opened: list[DatabaseProcess] = []

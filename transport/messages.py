@@ -103,7 +103,7 @@ class QueueStats(Struct, frozen=True):
     low: int = 0
 
 
-class StatsInfo(Struct, frozen=True):
+class StatsInfo(Struct, frozen=True, omit_defaults=True):
     pending: int
     scheduled: int
     running: int
@@ -115,6 +115,7 @@ class StatsInfo(Struct, frozen=True):
     connections: int
     uptime_s: float
     queues: dict[str, QueueStats]
+    paused: list[str] | None = None  # v1.1: paused queues; left out while none is, so v1 bytes are unchanged
 
 
 class WorkerInfo(Struct, frozen=True):
