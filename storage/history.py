@@ -24,6 +24,7 @@ import duckdb
 
 from storage.database import Database, fetch_one, transaction
 from storage.errors import QueryResult, StorageCorrupt
+from storage.history_ids import ID_CLOCK_SLACK_S, id_time
 from storage.model import Task
 from storage.query import QUERY_MAX_ROWS, run_query
 
@@ -66,13 +67,20 @@ _INSERT = f"""INSERT INTO task_history
            {_ts("submitted_at")}, {_ts("run_at")}, {_ts("started_at")}, {_ts("finished_at")},
            round((s.finished_at - s.started_at) * 1000, 3), s.payload_bytes, s.error, s.result
     FROM history_staging s"""
+# A replayed task carries the finished_at of its first write, so only rows finished within the batch's own
+# time range can be its duplicates: the range lets DuckDB's zone maps skip every other row group.
 _INSERT_DEDUP = _INSERT + """
-    WHERE NOT EXISTS (SELECT 1 FROM task_history h WHERE h.task_id = s.task_id)"""
+    WHERE NOT EXISTS (SELECT 1 FROM task_history h WHERE h.task_id = s.task_id
+        AND h.finished_at BETWEEN make_timestamp(CAST($1 * 1000000 AS BIGINT))
+                              AND make_timestamp(CAST($2 * 1000000 AS BIGINT)))"""
 
-_GET = """SELECT task_id, queue, kind, priority, state, attempts, max_retries, worker_id,
+# Many ids in one scan; `finished_at >= $2` (the oldest id's time less ID_CLOCK_SLACK_S) skips older row groups.
+_GET_MANY = """SELECT task_id, queue, kind, priority, state, attempts, max_retries, worker_id,
        epoch_us(submitted_at), epoch_us(run_at), epoch_us(started_at), epoch_us(finished_at),
        error, result
-    FROM task_history WHERE task_id = $1 ORDER BY finished_at DESC LIMIT 1"""
+    FROM task_history WHERE task_id IN (SELECT unnest($1::VARCHAR[]))
+      AND finished_at >= make_timestamp(CAST($2 * 1000000 AS BIGINT))"""
+
 
 
 class TaskHistory:
@@ -99,6 +107,13 @@ class TaskHistory:
         """The finished task, or None. `payload` is b"" and `lease_ms` 0: history does not keep them."""
         with _naming_history():
             return self._db.run_read(_get_task, task_id, timeout=timeout)
+
+    def get_many(self, task_ids: Sequence[str], timeout: float | None = None) -> dict[str, Task]:
+        """The finished tasks among `task_ids` (one scan for all of them), by id; ids not found are absent."""
+        if not task_ids:
+            return {}
+        with _naming_history():
+            return self._db.run_read(_get_tasks, list(task_ids), timeout=timeout)
 
     def query(self, sql: str, timeout: float) -> tuple[list[str], list[list[Any]]]:
         """Runs one read-only SELECT; returns (columns, rows), at most QUERY_MAX_ROWS rows."""
@@ -153,16 +168,34 @@ def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup:
         appender = conn.appender("history_staging")
         appender.append_rows(rows)
         appender.flush()
-        conn.execute(_INSERT_DEDUP if dedup else _INSERT)
+        if dedup:
+            finished = [t.finished_at or 0.0 for t in tasks]
+            conn.execute(_INSERT_DEDUP, [min(finished) - 1e-6, max(finished) + 1e-6])
+        else:
+            conn.execute(_INSERT)
         conn.execute("DELETE FROM history_staging")
         if batch_id:
             conn.execute("INSERT INTO history_batches VALUES ($1, epoch(now()), $2)", [batch_id, len(rows)])
 
 
 def _get_task(cursor: duckdb.DuckDBPyConnection, task_id: str) -> Task | None:
-    row = fetch_one(cursor, _GET, [task_id])
-    if row is None:
-        return None
+    return _get_tasks(cursor, [task_id]).get(task_id)
+
+
+def _get_tasks(cursor: duckdb.DuckDBPyConnection, task_ids: list[str]) -> dict[str, Task]:
+    """Ensures: the latest row of each id found (as _GET), for ids of any format (no time bound for those)."""
+    times = [id_time(task_id) for task_id in task_ids]
+    since = 0.0 if None in times else min(t for t in times if t is not None) - ID_CLOCK_SLACK_S
+    found: dict[str, Task] = {}
+    for row in cursor.execute(_GET_MANY, [task_ids, max(since, 0.0)]).fetchall():
+        task = _task_of(row)
+        old = found.get(task.task_id)
+        if old is None or (task.finished_at or 0.0) > (old.finished_at or 0.0):
+            found[task.task_id] = task
+    return found
+
+
+def _task_of(row: Any) -> Task:
     (tid, queue, kind, priority, state, attempts, max_retries, worker_id,
      submitted_us, run_us, started_us, finished_us, error, result) = row
     return Task(
