@@ -24,7 +24,7 @@ import duckdb
 
 from storage.database import Database, fetch_one, transaction
 from storage.errors import QueryResult, StorageCorrupt
-from storage.history_ids import ID_CLOCK_SLACK_S, id_time
+from storage.history_ids import ID_CLOCK_SLACK_S, id_key, id_time
 from storage.model import Task
 from storage.query import QUERY_MAX_ROWS, run_query
 
@@ -53,7 +53,7 @@ HISTORY_COLUMNS_DOC: list[tuple[str, str, str]] = [
 _STAGING_COLUMNS = (
     "task_id VARCHAR, queue VARCHAR, kind VARCHAR, priority INTEGER, state VARCHAR, attempts INTEGER, "
     "max_retries INTEGER, worker_id VARCHAR, submitted_at DOUBLE, run_at DOUBLE, started_at DOUBLE, "
-    "finished_at DOUBLE, payload_bytes INTEGER, error VARCHAR, result BLOB"
+    "finished_at DOUBLE, payload_bytes INTEGER, error VARCHAR, result BLOB, id_key BIGINT"
 )
 _CREATE_STAGING = f"CREATE TEMP TABLE IF NOT EXISTS history_staging ({_STAGING_COLUMNS})"
 
@@ -69,17 +69,25 @@ _INSERT = f"""INSERT INTO task_history
     FROM history_staging s"""
 # A replayed task carries the finished_at of its first write, so only rows finished within the batch's own
 # time range can be its duplicates: the range lets DuckDB's zone maps skip every other row group.
-_INSERT_DEDUP = _INSERT + """
-    WHERE NOT EXISTS (SELECT 1 FROM task_history h WHERE h.task_id = s.task_id
+_DROP_DUPLICATES = """DELETE FROM history_staging s WHERE EXISTS (
+    SELECT 1 FROM task_history h WHERE h.task_id = s.task_id
         AND h.finished_at BETWEEN make_timestamp(CAST($1 * 1000000 AS BIGINT))
                               AND make_timestamp(CAST($2 * 1000000 AS BIGINT)))"""
+_INSERT_KEYS = f"""INSERT INTO history_keys SELECT s.id_key, {_ts("finished_at")}
+    FROM history_staging s WHERE s.id_key IS NOT NULL"""
+_FIND_KEYS = """SELECT DISTINCT epoch_us(finished_at) FROM history_keys
+    WHERE id_key BETWEEN $1 AND $2 AND id_key IN (SELECT unnest($3::BIGINT[]))"""
+FINISH_GAP_US = 10_000_000  # found rows finished further apart than this are read by separate, narrower scans
+MAX_SCANS = 32  # per get_many: past this many separate finish-time ranges, one wide scan reads them all
 
-# Many ids in one scan; `finished_at >= $2` (the oldest id's time less ID_CLOCK_SLACK_S) skips older row groups.
-_GET_MANY = """SELECT task_id, queue, kind, priority, state, attempts, max_retries, worker_id,
+_COLUMNS = """SELECT task_id, queue, kind, priority, state, attempts, max_retries, worker_id,
        epoch_us(submitted_at), epoch_us(run_at), epoch_us(started_at), epoch_us(finished_at),
        error, result
-    FROM task_history WHERE task_id IN (SELECT unnest($1::VARCHAR[]))
-      AND finished_at >= make_timestamp(CAST($2 * 1000000 AS BIGINT))"""
+    FROM task_history WHERE task_id IN (SELECT unnest($1::VARCHAR[]))"""
+# Ids without a key (not this broker's format): `finished_at >= $2` (the oldest id's time less
+# ID_CLOCK_SLACK_S, or 0) skips older row groups.
+_GET_UNKEYED = _COLUMNS + " AND finished_at >= make_timestamp(CAST($2 * 1000000 AS BIGINT))"
+_GET_KEYED = _COLUMNS + " AND finished_at BETWEEN make_timestamp($2) AND make_timestamp($3)"
 
 
 
@@ -158,6 +166,7 @@ def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup:
         (
             t.task_id, t.queue, t.kind, t.priority, t.state, t.attempts, t.max_retries, t.worker_id,
             t.submitted_at, t.run_at, t.started_at, t.finished_at, len(t.payload), t.error, t.result,
+            id_key(t.task_id),
         )
         for t in tasks
     ]
@@ -170,9 +179,9 @@ def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup:
         appender.flush()
         if dedup:
             finished = [t.finished_at or 0.0 for t in tasks]
-            conn.execute(_INSERT_DEDUP, [min(finished) - 1e-6, max(finished) + 1e-6])
-        else:
-            conn.execute(_INSERT)
+            conn.execute(_DROP_DUPLICATES, [min(finished) - 1e-6, max(finished) + 1e-6])
+        conn.execute(_INSERT)
+        conn.execute(_INSERT_KEYS)
         conn.execute("DELETE FROM history_staging")
         if batch_id:
             conn.execute("INSERT INTO history_batches VALUES ($1, epoch(now()), $2)", [batch_id, len(rows)])
@@ -183,16 +192,41 @@ def _get_task(cursor: duckdb.DuckDBPyConnection, task_id: str) -> Task | None:
 
 
 def _get_tasks(cursor: duckdb.DuckDBPyConnection, task_ids: list[str]) -> dict[str, Task]:
-    """Ensures: the latest row of each id found (as _GET), for ids of any format (no time bound for those)."""
-    times = [id_time(task_id) for task_id in task_ids]
-    since = 0.0 if None in times else min(t for t in times if t is not None) - ID_CLOCK_SLACK_S
-    found: dict[str, Task] = {}
-    for row in cursor.execute(_GET_MANY, [task_ids, max(since, 0.0)]).fetchall():
+    """Ensures: the latest row (by finished_at) of each id found, for ids of any format.
+
+    An id with a key is looked up in history_keys first (row groups pruned by id_key), then in
+    task_history only within the finish times found (pruned by finished_at); an id absent from
+    history_keys is absent from task_history (both are written in one transaction)."""
+    keyed = {key: task_id for task_id in task_ids if (key := id_key(task_id)) is not None}
+    rows: list[Any] = []
+    if keyed:
+        keys = sorted(keyed)
+        found = sorted(r[0] for r in cursor.execute(_FIND_KEYS, [keys[0], keys[-1], keys]).fetchall())
+        for lo, hi in _ranges(found):
+            rows += cursor.execute(_GET_KEYED, [list(keyed.values()), lo, hi]).fetchall()
+    unkeyed = [task_id for task_id in task_ids if id_key(task_id) is None]
+    if unkeyed:
+        times = [id_time(task_id) for task_id in unkeyed]
+        since = 0.0 if None in times else min(t for t in times if t is not None) - ID_CLOCK_SLACK_S
+        rows += cursor.execute(_GET_UNKEYED, [unkeyed, max(since, 0.0)]).fetchall()
+    tasks: dict[str, Task] = {}
+    for row in rows:
         task = _task_of(row)
-        old = found.get(task.task_id)
+        old = tasks.get(task.task_id)
         if old is None or (task.finished_at or 0.0) > (old.finished_at or 0.0):
-            found[task.task_id] = task
-    return found
+            tasks[task.task_id] = task
+    return tasks
+
+
+def _ranges(micros: list[int]) -> list[tuple[int, int]]:
+    """Sorted finish times grouped into ranges (at most MAX_SCANS; one spanning all past that)."""
+    ranges: list[tuple[int, int]] = []
+    for us in micros:
+        if ranges and us - ranges[-1][1] <= FINISH_GAP_US:
+            ranges[-1] = (ranges[-1][0], us)
+        else:
+            ranges.append((us, us))
+    return ranges if len(ranges) <= MAX_SCANS else [(micros[0], micros[-1])]
 
 
 def _task_of(row: Any) -> Task:
@@ -212,9 +246,12 @@ def _seconds(micros: int | None) -> float | None:
 
 
 def _delete_before(conn: duckdb.DuckDBPyConnection, cutoff: float) -> int:
-    sql = "DELETE FROM task_history WHERE finished_at < make_timestamp(CAST($1 * 1000000 AS BIGINT))"
-    conn.execute("DELETE FROM history_batches WHERE written_at < $1", [cutoff])  # retries come within minutes
-    row = fetch_one(conn, sql, [cutoff])
+    """Ensures: rows and their history_keys go together (one transaction)."""
+    cut = "make_timestamp(CAST($1 * 1000000 AS BIGINT))"
+    with transaction(conn):
+        conn.execute("DELETE FROM history_batches WHERE written_at < $1", [cutoff])  # retries come within minutes
+        conn.execute(f"DELETE FROM history_keys WHERE finished_at < {cut}", [cutoff])
+        row = fetch_one(conn, f"DELETE FROM task_history WHERE finished_at < {cut}", [cutoff])
     return int(row[0]) if row else 0
 
 
