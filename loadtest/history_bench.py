@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--lookups", type=int, default=500, help="one-at-a-time STATUS of random old ids")
     parser.add_argument("--pipelined", type=int, default=20_000, help="pipelined STATUS of random old ids")
+    parser.add_argument("--window", type=int, default=1000, help="STATUS requests in flight when pipelined")
     parser.add_argument("--append-batches", type=int, default=10)
     parser.add_argument("--keep", type=Path, help="build into (or reuse) this data dir instead of a temp one")
     args = parser.parse_args()
@@ -188,10 +189,12 @@ def main() -> None:
         took = one_at_a_time(client, old)
         print(f"STATUS of an old finished task, one at a time ({args.lookups}): {percentiles(took)}")
         scattered = [task_id(base_ms, pick.randrange(args.rows)) for _ in range(args.pipelined)]
-        print(f"STATUS pipelined, random old ids ({args.pipelined:,}): {pipelined(client, scattered):,.0f}/s")
+        rate = pipelined(client, scattered, args.window)
+        print(f"STATUS pipelined, random old ids ({args.pipelined:,}, {args.window} in flight): {rate:,.0f}/s")
         first = pick.randrange(max(args.rows - args.pipelined, 1))
         batch = [task_id(base_ms, n) for n in range(first, min(first + args.pipelined, args.rows))]
-        print(f"STATUS pipelined, consecutive old ids ({len(batch):,}): {pipelined(client, batch):,.0f}/s")
+        rate = pipelined(client, batch, args.window)
+        print(f"STATUS pipelined, consecutive old ids ({len(batch):,}): {rate:,.0f}/s")
         current = client.submit("bench.echo").task_id
         print(f"STATUS of an id that cannot exist (1000): {percentiles(unknown(client, current, 1000))}")
         client.close()
