@@ -75,6 +75,12 @@ _DROP_DUPLICATES = """DELETE FROM history_staging s WHERE EXISTS (
                               AND make_timestamp(CAST($2 * 1000000 AS BIGINT)))"""
 _INSERT_KEYS = f"""INSERT INTO history_keys SELECT s.id_key, {_ts("finished_at")}
     FROM history_staging s WHERE s.id_key IS NOT NULL"""
+_FIND_KEY = "SELECT DISTINCT epoch_us(finished_at) FROM history_keys WHERE id_key = $1"
+_GET_ONE = """SELECT task_id, queue, kind, priority, state, attempts, max_retries, worker_id,
+       epoch_us(submitted_at), epoch_us(run_at), epoch_us(started_at), epoch_us(finished_at),
+       error, result
+    FROM task_history WHERE finished_at = make_timestamp($2) AND task_id = $1"""
+ONE_BY_ONE = 4  # a single id with at most this many finish times is read with plain equalities (2x faster)
 _FIND_KEYS = """SELECT DISTINCT epoch_us(finished_at) FROM history_keys
     WHERE id_key BETWEEN $1 AND $2 AND id_key IN (SELECT unnest($3::BIGINT[]))"""
 
@@ -207,6 +213,13 @@ def _get_tasks(cursor: duckdb.DuckDBPyConnection, task_ids: list[str]) -> dict[s
     history_keys is absent from task_history (both are written in one transaction)."""
     keyed = {key: task_id for task_id in task_ids if (key := id_key(task_id)) is not None}
     rows: list[Any] = []
+    if len(keyed) == 1:
+        [(key, task_id)] = keyed.items()
+        found = [r[0] for r in cursor.execute(_FIND_KEY, [key]).fetchall()]
+        if len(found) <= ONE_BY_ONE:
+            for finished_us in found:
+                rows += cursor.execute(_GET_ONE, [task_id, finished_us]).fetchall()
+            keyed = {}
     if keyed:
         keys = sorted(keyed)
         found = sorted(r[0] for r in cursor.execute(_FIND_KEYS, [keys[0], keys[-1], keys]).fetchall())
