@@ -91,17 +91,20 @@ _COLUMNS = """SELECT task_id, queue, kind, priority, state, attempts, max_retrie
 # Ids without a key (not this broker's format): `finished_at >= $2` (the oldest id's time less
 # ID_CLOCK_SLACK_S, or 0) skips older row groups.
 _GET_UNKEYED = _COLUMNS + " AND finished_at >= make_timestamp(CAST($2 * 1000000 AS BIGINT))"
-# Ids with a key: the rows finished at the times history_keys gave (a timestamp semi-join within their
-# range: zone maps skip the other row groups), materialized first, then those rows' task_ids compared, so
-# DuckDB never compares the ids of the whole table (measured: 10M rows, 1,000 random ids: 0.12 s this way,
-# 0.6-1.1 s with the id comparison pushed into the scan).
+# Ids with a key: the row ids and task_ids of rows finished at the times history_keys gave (a timestamp
+# semi-join within their range: zone maps skip the other row groups), materialized first, then those
+# rows' task_ids compared, then only the matching rows fetched whole (by rowid, within this one
+# statement), so DuckDB neither compares the ids of the whole table nor decodes every column of every
+# row group touched. Measured, 10M rows, 1,000 random ids, loaded machine: 0.5 s; 0.9 s fetching whole
+# rows before comparing ids; 0.6-1.1 s comparing ids inside the scan.
 _GET_KEYED = """WITH t AS MATERIALIZED (
-        SELECT * FROM task_history WHERE finished_at BETWEEN make_timestamp($2) AND make_timestamp($3)
+        SELECT rowid AS r, task_id FROM task_history
+        WHERE finished_at BETWEEN make_timestamp($2) AND make_timestamp($3)
             AND finished_at IN (SELECT make_timestamp(unnest($4::BIGINT[]))))
     SELECT task_id, queue, kind, priority, state, attempts, max_retries, worker_id,
        epoch_us(submitted_at), epoch_us(run_at), epoch_us(started_at), epoch_us(finished_at),
        error, result
-    FROM t WHERE task_id IN (SELECT unnest($1::VARCHAR[]))"""
+    FROM task_history WHERE rowid IN (SELECT r FROM t WHERE task_id IN (SELECT unnest($1::VARCHAR[])))"""
 
 
 
