@@ -15,11 +15,15 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.queue
 from msgspec import Struct
 
 from storage.model import Task
 
 log = logging.getLogger("tqbroker.history")
+
+LOOKUP_BATCH = 4096  # ids per history read at most: one scan answers every lookup waiting, up to this many
+Found = Callable[[Task | None, str | None], None]
 
 
 class HistoryWritten(Struct, gc=False):
@@ -53,6 +57,8 @@ class HistoryLink:
         self._run = uuid.uuid4().hex[:12]  # batch ids: unique across broker runs without any stored counter
         self._seq = 0
         self._last_flush = 0.0
+        self._lookups: gevent.queue.Queue[tuple[str, Found]] = gevent.queue.Queue()  # to the lookup greenlet
+        self._lookup_greenlet: gevent.Greenlet | None = None
 
     def add(self, task: Task) -> None:
         if self.history is not None:
@@ -120,23 +126,39 @@ class HistoryLink:
         count = len(self._batches.get(msg.batch_id, ()))
         log.error("writing %d tasks to task_history failed, will retry: %s", count, msg.error)
 
-    def lookup(self, task_id: str, callback: Callable[[Task | None, str | None], None]) -> None:
+    def lookup(self, task_id: str, callback: Found) -> None:
         """Finds a finished task in the buffer or in DuckDB (off the actor), then calls back with
         `(task, None)`, `(None, None)` when history has no such row, or `(None, error)` when history
         could not be read (the process died, stalled past its reply bound, or hit a bad block): then
-        nobody knows whether the task exists."""
+        nobody knows whether the task exists.
+
+        Lookups waiting while a read runs go together into the next read (at most LOOKUP_BATCH ids):
+        one scan of task_history answers them all, each with its own task."""
         task = self.pending(task_id)
         if task is not None or self.history is None:
             callback(task, None)
             return
+        self._lookups.put((task_id, callback))
+        if self._lookup_greenlet is None or self._lookup_greenlet.dead:
+            self._lookup_greenlet = gevent.spawn(_find_batches, self.history, self._lookups, self.lookup_timeout_s)
 
-        def find() -> None:
-            try:
-                found = self.history.get(task_id, timeout=self.lookup_timeout_s)
-            except Exception as exc:
-                log.error("task_history lookup of %s failed: %s", task_id, exc)
-                callback(None, str(getattr(exc, "message", None) or exc))
-                return
-            callback(found, None)
 
-        gevent.spawn(find)
+def _find_batches(history: Any, lookups: gevent.queue.Queue[tuple[str, Found]], timeout: float | None) -> None:
+    """The lookup greenlet: owns nothing but its queue; ends when the queue is empty."""
+    while not lookups.empty():
+        waiting: dict[str, list[Found]] = {}
+        while len(waiting) < LOOKUP_BATCH and not lookups.empty():
+            task_id, callback = lookups.get_nowait()
+            waiting.setdefault(task_id, []).append(callback)
+        try:
+            found: dict[str, Task] = history.get_many(list(waiting), timeout=timeout)
+            failure = None
+        except Exception as exc:
+            log.error("task_history lookup of %d tasks failed: %s", len(waiting), exc)
+            found, failure = {}, str(getattr(exc, "message", None) or exc)
+        for task_id, callbacks in waiting.items():
+            for callback in callbacks:
+                try:
+                    callback(found.get(task_id), failure)
+                except Exception:  # one caller's failure must not leave the others without an answer
+                    log.exception("answering a lookup of %s failed", task_id)

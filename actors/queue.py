@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
 import gevent
@@ -56,9 +55,11 @@ from actors.history_link import HistoryLink, HistoryWritten
 from actors.hub_actor import ActorCrashed, HubActor, injected_crash
 from actors.metrics import BrokerMetrics
 from actors.queue_ops import QueueOps
+from actors.recent import RecentTasks
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
+from storage.history_ids import ID_CLOCK_SLACK_S, id_time
 from storage.model import (
     Counters,
     LeasesRenewed,
@@ -98,7 +99,6 @@ _READS = (Status, *READ_REQUESTS)  # answered even while changes are refused (sh
 MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
 TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable, expired leases pending, within this of their time
-RECENT_FINISHED = 10_000
 RECORD_OVERHEAD_BYTES = 512  # WAL bytes of one record besides the payload, result and error it carries
 
 
@@ -139,8 +139,8 @@ class QueueActor(HubActor):
         self.started = time.time()
         self.known_workers: set[str] = set()
         self.first_claimed_on: dict[str, set[str]] = {}  # connection urn → worker ids first seen on it
-        self.recent: OrderedDict[str, Task] = OrderedDict()
         p = settings.persistence
+        self.recent = RecentTasks(p.recent_results_bytes)
         self.ops = QueueOps(p.dead_set_max, p.dead_set_retention_days * 86400, ops_state, time.time())
         self.waiters = ClaimWaiters(self._claimable, self._claim, self._reply)
         self.shutting_down = False
@@ -373,6 +373,9 @@ class QueueActor(HubActor):
         if finished is not None:
             self._reply(reply_to, finished_answer(request_id, finished, code, message))
             return
+        if not self._may_exist(task_id):
+            self._reply(reply_to, Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}"))
+            return
 
         def answer(task: Task | None, failure: str | None) -> Message:
             if failure is not None:
@@ -384,6 +387,15 @@ class QueueActor(HubActor):
             return finished_answer(request_id, task, code, message)
 
         self.history.lookup(task_id, lambda task, failure: send_outbox({"": (reply_to, [answer(task, failure)])}))
+
+    def _may_exist(self, task_id: str) -> bool:
+        """False only for an id no task of this broker can have: not of its format (states.TaskIds), its
+        time later than now (less a stepped-back clock's slack), or of this run but not issued yet."""
+        issued_at = id_time(task_id)
+        if issued_at is None or issued_at > time.time() + ID_CLOCK_SLACK_S:
+            return False
+        prefix = self.ids._prefix  # noqa: SLF001 -- the run's own id prefix, read-only
+        return not task_id.startswith(prefix) or int(task_id[len(prefix):], 16) <= self.ids._counter  # noqa: SLF001
 
     # ------------------------------------------------------------ leases and workers
 
@@ -534,9 +546,7 @@ class QueueActor(HubActor):
         self.index.forget(task)
         self.payload_bytes -= len(task.payload)
         self.metrics.count_finished(task.queue, task.state)
-        self.recent[task.task_id] = task
-        if len(self.recent) > RECENT_FINISHED:
-            self.recent.popitem(last=False)
+        self.recent.add(task)
         self.history.add(task)
 
     def _claimable(self, queues: Any) -> bool:

@@ -76,6 +76,7 @@ class PersistenceSettings(_Section):
     wal_segment_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 67108864
     dead_set_max: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 10_000  # failed-for-good tasks kept; 0 = none
     dead_set_retention_days: NonNegFloat = 7.0  # dead tasks older than this fall out of the dead set
+    recent_results_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 << 20  # finished tasks kept in memory for STATUS
 
 
 class RaftSettings(_Section):

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import duckdb
 
 from storage.errors import QueryRefused, QueryTimeout, StorageCorrupt, StorageError, is_corruption
+from storage.history_ids import KEY_SQL
 
 log = logging.getLogger("tqbroker.storage")
 
@@ -64,6 +65,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Snapshots stored one table per slice (storage.snapshots); snapshot_tasks becomes a view over them.
     3: ("ALTER TABLE snapshot_tasks RENAME TO snapshot_tasks_v1",
         "CREATE VIEW snapshot_tasks AS SELECT * FROM snapshot_tasks_v1"),
+    # Each history row's id as a growing BIGINT with its finished_at, in the same order, so a point lookup
+    # reads two row groups, not the table (storage.history, storage.history_ids).
+    4: ("CREATE TABLE history_keys (id_key BIGINT, finished_at TIMESTAMP)",
+        f"INSERT INTO history_keys SELECT {KEY_SQL}, finished_at FROM task_history WHERE {KEY_SQL} IS NOT NULL"),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 

@@ -46,6 +46,7 @@ TASK_OVERHEAD_BYTES = 256  # a task's encoded fields besides its payload, roughl
 DECODE_SLICE = 20_000  # tasks decoded per step when loading a snapshot, between yields to the hub
 
 _TASK = msgspec.msgpack.Decoder(Task)
+_TASK_LIST = msgspec.msgpack.Decoder(list[Task])
 _RAW_LIST = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _ENCODER = msgspec.msgpack.Encoder()
 
@@ -257,6 +258,13 @@ class HistoryClient:
         REPLY_MARGIN_S) or the process failed."""
         blob = self._process.call("get", task_id, timeout=timeout or REPLY_MARGIN_S)
         return None if blob is None else _TASK.decode(blob)
+
+    def get_many(self, task_ids: Sequence[str], timeout: float | None = None) -> dict[str, Task]:
+        """storage.history.TaskHistory.get_many (one scan for all ids); StorageError as `get`."""
+        if not task_ids:
+            return {}
+        blob = self._process.call("get_many", list(task_ids), timeout=timeout or REPLY_MARGIN_S)
+        return {task.task_id: task for task in _TASK_LIST.decode(blob)}
 
     def query(self, sql: str, timeout: float) -> tuple[list[str], list[list[Any]]]:
         result = self.query_result(sql, timeout)

@@ -70,6 +70,7 @@ class DatabaseServer:
             "append": lambda blob, batch_id="": self.history.append(_TASKS.decode(blob), batch_id),
             "append_dedup": lambda blob: self.history.append_dedup(_TASKS.decode(blob)),
             "get": self._get,
+            "get_many": self._get_many,
             "query": self._query,
             "delete_older_than": self.history.delete_older_than,
             "checkpoint": self.history.checkpoint,
@@ -101,6 +102,9 @@ class DatabaseServer:
     def _get(self, task_id: str) -> bytes | None:
         task = self.history.get(task_id)
         return None if task is None else msgspec.msgpack.encode(task)
+
+    def _get_many(self, task_ids: list[str]) -> bytes:
+        return msgspec.msgpack.encode(list(self.history.get_many(task_ids).values()))
 
     def _query(self, sql: str, timeout: float, max_bytes: int = DEFAULT_QUERY_MAX_BYTES) -> list[Any]:
         result = self.history.query_result(sql, timeout, max_bytes)
