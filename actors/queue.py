@@ -394,8 +394,7 @@ class QueueActor(HubActor):
         issued_at = id_time(task_id)
         if issued_at is None or issued_at > time.time() + ID_CLOCK_SLACK_S:
             return False
-        prefix = self.ids._prefix  # noqa: SLF001 -- the run's own id prefix, read-only
-        return not task_id.startswith(prefix) or int(task_id[len(prefix):], 16) <= self.ids._counter  # noqa: SLF001
+        return self.ids.could_have_issued(task_id)
 
     # ------------------------------------------------------------ leases and workers
 

@@ -44,6 +44,15 @@ class TaskIds:
         self._counter += 1
         return f"{self._prefix}{self._counter:06x}"
 
+    def could_have_issued(self, task_id: str) -> bool:
+        """False only for an id of this run (its prefix) whose counter was not issued yet (or is not hex)."""
+        if not task_id.startswith(self._prefix):
+            return True
+        try:
+            return int(task_id[len(self._prefix):], 16) <= self._counter
+        except ValueError:
+            return False
+
 
 def new_task(
     spec: TaskSpec, task_id: str, now: float, ready_seq: int, default_max_retries: int, default_lease_ms: int
