@@ -5,7 +5,8 @@ of the tasks live at that point, fetches the copies one slice per message (CopyS
 handles other messages in between, so the image is fuzzy: actors/snapshot_image.py says why replay
 from the rotated segment still recovers the exact state), streams each slice to the database process
 (storage.db_process `SnapshotClient`; the snapshot becomes visible only at its commit), and then tells
-the queue actor that WAL segments before the new one may go. So the WAL holds at most the live data plus one interval of changes.
+the queue actor that WAL segments before the new one may go. So the WAL holds at most the live data plus
+one interval of changes.
 Every `persistence.compact_interval_secs` (with `auto_compact`) it deletes history older than
 `completed_task_retention_days` and CHECKPOINTs.
 """

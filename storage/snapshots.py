@@ -4,9 +4,9 @@ A snapshot is the live tasks and the counters, plus `wal_segment`: replay starts
 The counters are those at the WAL's rotation to that segment; each task is copied at some moment
 after it (slice by slice), and replaying the segment's records `as_written` over such an image gives
 the exact state (the contract is in actors/snapshot_image.py). It is written in slices (`begin`,
-`append_slice` per slice, `commit`), so neither process ever holds more than one slice of it: slices are staged in snapshot_tasks under a new snapshot_id
-that nothing reads until `commit` adds its `snapshots` row and deletes the older snapshot in one
-transaction. At any moment exactly one complete snapshot exists.
+`append_slice` per slice, `commit`), so neither process ever holds more than one slice of it: slices
+are staged in snapshot_tasks under a new snapshot_id that nothing reads until `commit` adds its
+`snapshots` row and deletes the older snapshot in one transaction. At any moment exactly one complete snapshot exists.
 
 Speed (measured here, DuckDB 2.0, 100-byte payloads, see the module tests and README):
 - The caller hands over one `msgspec.msgpack.encode(list[Task])` blob (a consistent copy, made in
