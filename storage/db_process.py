@@ -315,10 +315,10 @@ class SnapshotClient:
         head = self._process.call("snapshot_slices")
         if head is None:
             return None
-        snapshot_id, counter_values, wal_segment, task_count, slice_count = head
+        snapshot_id, counter_values, wal_segment, task_count, tables = head
         tasks: list[Task] = []
-        for number in range(slice_count):
-            _, blob = self._process.call_attached("snapshot_slice_load", snapshot_id, number)
+        for table in tables:
+            _, blob = self._process.call_attached("snapshot_slice_load", snapshot_id, table)
             try:
                 tasks += decode_tasks(blob)
             except msgspec.MsgspecError as exc:  # a row DuckDB read back without complaint, but not a Task

@@ -79,8 +79,8 @@ class DatabaseServer:
             "snapshot_slice": self.snapshots.append_slice,
             "snapshot_commit": self._snapshot_commit,
             "snapshot_slices": self._snapshot_slices,
-            "snapshot_slice_load": lambda snapshot_id, number: db_wire.Attached(
-                None, self.snapshots.slice_blob(snapshot_id, number)),
+            "snapshot_slice_load": lambda snapshot_id, table: db_wire.Attached(
+                None, self.snapshots.slice_blob(snapshot_id, table)),
         }
 
     def handle(self, request: list[Any], attachment: bytearray) -> None:
@@ -118,8 +118,8 @@ class DatabaseServer:
         latest = self.snapshots.latest_slices()
         if latest is None:
             return None
-        snapshot_id, counters, wal_segment, task_count, slice_count = latest
-        return [snapshot_id, list(msgspec.structs.astuple(counters)), wal_segment, task_count, slice_count]
+        snapshot_id, counters, wal_segment, task_count, tables = latest
+        return [snapshot_id, list(msgspec.structs.astuple(counters)), wal_segment, task_count, tables]
 
 
 def _die_with_parent() -> None:

@@ -22,6 +22,7 @@ Speed (measured here, DuckDB 2.0, 100-byte payloads, see the module tests and RE
 
 from __future__ import annotations
 
+import re
 import time
 
 import duckdb
@@ -38,6 +39,7 @@ _SLICE_TABLES = ("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'ma
                  "AND table_name LIKE 'snapshot_slice_%' ORDER BY table_name")
 _TASK_FIELDS: tuple[str, ...] = Task.__struct_fields__
 _COUNTER_FIELDS: tuple[str, ...] = Counters.__struct_fields__
+_SOURCE_NAME = re.compile(r"snapshot_slice_\d+_\d{6}|snapshot_tasks_v1")
 _SLICE_ROWS = 20_000  # decode+append this many tasks per step: bounds GIL hold time and buffer memory
 
 _RAW_LIST = msgspec.msgpack.Decoder(list[msgspec.Raw])
@@ -90,15 +92,15 @@ class SnapshotStore:
         """(tasks, counters, wal_segment) of the newest snapshot, or None if there is none."""
         return self._db.run_read(_load_latest, str(self._db.path))
 
-    def latest_slices(self) -> tuple[int, Counters, int, int, int] | None:
-        """(snapshot_id, counters, wal_segment, task_count, slice_count) of the newest snapshot, or None:
-        load its tasks with `slice_blob(snapshot_id, n)` for n in range(slice_count)."""
+    def latest_slices(self) -> tuple[int, Counters, int, int, list[str]] | None:
+        """(snapshot_id, counters, wal_segment, task_count, slice tables) of the newest snapshot, or None:
+        load its tasks with `slice_blob(snapshot_id, table)` for each table, in order."""
         return self._db.run_read(_latest_slices)
 
-    def slice_blob(self, snapshot_id: int, number: int) -> bytearray:
-        """The tasks of slice `number` of snapshot `snapshot_id` as one msgpack array: memory for one
+    def slice_blob(self, snapshot_id: int, table: str) -> bytearray:
+        """The tasks of snapshot `snapshot_id` in slice table `table` as one msgpack array: memory for one
         slice (at most ~SNAPSHOT_SLICE_BYTES of payloads as written), never the whole image."""
-        return self._db.run_read(_slice_blob, snapshot_id, number)
+        return self._db.run_read(_slice_blob, snapshot_id, table)
 
 
 def _slice_tables(conn: duckdb.DuckDBPyConnection) -> dict[int, list[str]]:
@@ -212,26 +214,25 @@ def _slice_sources(cursor: duckdb.DuckDBPyConnection, snapshot_id: int) -> list[
     return _slice_tables(cursor).get(snapshot_id) or ["snapshot_tasks_v1"]
 
 
-def _latest_slices(cursor: duckdb.DuckDBPyConnection) -> tuple[int, Counters, int, int, int] | None:
+def _latest_slices(cursor: duckdb.DuckDBPyConnection) -> tuple[int, Counters, int, int, list[str]] | None:
     head = _latest_head(cursor)
     if head is None:
         return None
     snapshot_id, wal_segment, task_count, counters = head
-    return snapshot_id, counters, wal_segment, task_count, len(_slice_sources(cursor, snapshot_id))
+    return snapshot_id, counters, wal_segment, task_count, _slice_sources(cursor, snapshot_id)
 
 
-def _slice_blob(cursor: duckdb.DuckDBPyConnection, snapshot_id: int, number: int) -> bytearray:
-    sources = _slice_sources(cursor, snapshot_id)
-    if not 0 <= number < len(sources):
-        raise StorageError(f"snapshot {snapshot_id} has {len(sources)} slices, not slice {number}")
-    rows = f"SELECT {', '.join(_TASK_FIELDS)} FROM {sources[number]} WHERE snapshot_id = $1"
-    count = fetch_one(cursor, f"SELECT count(*) FROM {sources[number]} WHERE snapshot_id = $1", [snapshot_id])
-    blob = bytearray(_array_header(int(count[0]) if count else 0))
-    encode_into = _ENCODER.encode_into
-    result = cursor.execute(rows, [snapshot_id])
+def _slice_blob(cursor: duckdb.DuckDBPyConnection, snapshot_id: int, table: str) -> bytearray:
+    if not _SOURCE_NAME.fullmatch(table):
+        raise StorageError(f"{table!r} is not a snapshot slice table")
+    blob = bytearray(b"\xdd\0\0\0\0")  # array 32; its count is filled in at the end
+    encode_into, count = _ENCODER.encode_into, 0
+    result = cursor.execute(f"SELECT {', '.join(_TASK_FIELDS)} FROM {table} WHERE snapshot_id = $1", [snapshot_id])
     while batch := result.fetchmany(_SLICE_ROWS):
         for row in batch:
             encode_into(Task(*row), blob, -1)
+        count += len(batch)
+    blob[1:5] = count.to_bytes(4, "big")
     return blob
 
 

@@ -240,8 +240,8 @@ def test_the_streamed_snapshot_blob_decodes_to_the_same_tasks(db: Database, coun
     store = SnapshotStore(db)
     latest = store.latest_slices()
     assert latest is not None
-    snapshot_id, counters, segment, task_count, slice_count = latest
-    loaded = [t for n in range(slice_count) for t in msgspec.msgpack.decode(store.slice_blob(snapshot_id, n),
-                                                                           type=list[Task])]
+    snapshot_id, counters, segment, task_count, tables = latest
+    loaded = [t for table in tables for t in msgspec.msgpack.decode(store.slice_blob(snapshot_id, table),
+                                                                     type=list[Task])]
     assert loaded == tasks
     assert (counters, segment, task_count) == (Counters(submitted_total=count), 2, count)
