@@ -1,10 +1,12 @@
 """CompactorActor: snapshots, WAL truncation, history retention and DuckDB CHECKPOINT.
 
-Every `persistence.snapshot_interval_secs` it asks the queue actor for a consistent image of the live
-tasks (copies taken in one handler, right after the WAL rotates to a new segment), streams it to the
-database process slice by slice (storage.db_process `SnapshotClient.write`; the snapshot becomes
-visible only when its last slice is committed), and then tells the queue actor that WAL segments before
-the new one may go. So the WAL holds at most the live data plus one interval of changes.
+Every `persistence.snapshot_interval_secs` it asks the queue actor to rotate the WAL and start an image
+of the tasks live at that point, fetches the copies one slice per message (CopySlice; the queue actor
+handles other messages in between, so the image is fuzzy: actors/snapshot_image.py says why replay
+from the rotated segment still recovers the exact state), streams each slice to the database process
+(storage.db_process `SnapshotClient`; the snapshot becomes visible only at its commit), and then tells
+the queue actor that WAL segments before the new one may go. So the WAL holds at most the live data plus
+one interval of changes.
 Every `persistence.compact_interval_secs` (with `auto_compact`) it deletes history older than
 `completed_task_retention_days` and CHECKPOINTs.
 """
@@ -34,19 +36,30 @@ class Compact(Struct):
 
 
 class PrepareSnapshot(Struct):
-    """Asked of the queue actor: rotate the WAL and hand over a consistent image."""
+    """Asked of the queue actor: rotate the WAL and start an image of the tasks live at that point."""
 
 
 class SnapshotData(Struct, gc=False):
-    """`tasks` are shallow copies made in the queue actor's handler: the actor's later changes to its own
-    Task objects do not reach them (payloads are immutable bytes, shared). `finished` is history batch
-    `finished_batch`, committed with the snapshot."""
+    """The start of an image: counters at the WAL rotation, `task_count` tasks to fetch with CopySlice.
+    `finished` is history batch `finished_batch`, committed with the snapshot."""
 
-    tasks: list[Task]
     counters: Counters
     wal_segment: int
     finished_batch: str
     finished: list[Task]
+    task_count: int
+
+
+class CopySlice(Struct):
+    """Asked of the queue actor: copies of the image's tasks `start` .. `start + COPY_SLICE_TASKS`."""
+
+    start: int
+
+
+class SnapshotSlice(Struct, gc=False):
+    """Shallow copies made in the queue actor's handler (payloads are immutable bytes, shared)."""
+
+    tasks: list[Task]
 
 
 class SnapshotTaken(Struct, gc=False):
@@ -98,17 +111,30 @@ class CompactorActor(HubActor):
         try:
             if data.finished:
                 self.history.append(data.finished, batch_id=data.finished_batch)
-            self.snapshots.write(data.tasks, data.counters, data.wal_segment)
+            self._write_image(data)
         except Exception as exc:  # disk full, DuckDB error: the WAL keeps everything until the next try
             log.error("snapshot failed, WAL segments kept: %s", exc)
             self.queue.tell(SnapshotTaken(wal_segment=0, finished_batch=data.finished_batch, error=str(exc)))
             return None
         self.queue.tell(SnapshotTaken(wal_segment=data.wal_segment, finished_batch=data.finished_batch))
         self.last_snapshot_seconds = time.monotonic() - started
-        count = len(data.tasks)
+        count = data.task_count
         log.info("snapshot of %d live tasks written in %.2f s", count, self.last_snapshot_seconds,
                  extra={"count": count, "seconds": round(self.last_snapshot_seconds, 3)})
         return data.wal_segment
+
+    def _write_image(self, data: SnapshotData) -> None:
+        """Fetches the image one CopySlice at a time (other messages run between them) and streams each
+        to the database process; the snapshot becomes visible only at its commit."""
+        snapshot_id = self.snapshots.begin()
+        start = 0
+        while start < data.task_count:
+            piece: SnapshotSlice = self.queue.ask(CopySlice(start=start))
+            if not piece.tasks:
+                raise RuntimeError(f"the queue actor has no snapshot image past task {start}")
+            self.snapshots.append(snapshot_id, piece.tasks)
+            start += len(piece.tasks)
+        self.snapshots.commit(snapshot_id, data.counters, data.wal_segment, data.task_count)
 
     def compact(self) -> int:
         """Deletes history past retention, then CHECKPOINTs; returns the rows deleted."""

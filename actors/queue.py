@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 import gevent
-import msgspec
 
 from actors import queue_admin
 from actors import task_states as states
@@ -36,7 +35,7 @@ from actors.answers import (
     writable_error,  # also imported from here by actors.system
 )
 from actors.browse import BrowsableIndex
-from actors.compactor import PrepareSnapshot, SnapshotData, SnapshotTaken
+from actors.compactor import CopySlice, PrepareSnapshot, SnapshotData, SnapshotSlice, SnapshotTaken
 from actors.crash_replies import crash_replies, refusals_after_crash
 from actors.envelopes import (
     ConnectionClosed,
@@ -56,6 +55,7 @@ from actors.hub_actor import ActorCrashed, HubActor, injected_crash
 from actors.metrics import BrokerMetrics
 from actors.queue_ops import QueueOps
 from actors.recent import RecentTasks
+from actors.snapshot_image import SnapshotImage
 from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
@@ -148,6 +148,7 @@ class QueueActor(HubActor):
         self._records: list[WalRecord] = []
         self._outbox: Outbox = {}
         self._submitted: dict[str, int] = {}  # per queue, counted into the metric once per tick
+        self.image = SnapshotImage()  # the snapshot being copied (actors.snapshot_image)
         if recovered is not None:
             self._load(*recovered)
 
@@ -487,16 +488,22 @@ class QueueActor(HubActor):
         self._reply(msg.reply_to, WorkerList(id=msg.request_id, workers=workers))
 
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
-        """A consistent image: the WAL rotates first, so the image covers every earlier segment."""
+        """Rotates the WAL and starts an image of the tasks live at that point, fetched with CopySlice
+        (the contract that makes the fuzzy copies exact after replay: actors.snapshot_image)."""
         segment = self.wal.rotate() if self.wal is not None else 0
         if self.wal is not None and (self.ops.settings or self.ops.state.schedules):
             self.wal.append(self.ops.image())  # the new segment restores queue settings (see QueueOps.image)
-        copy = msgspec.structs.replace
+        counters, count = self.image.start(self.index.tasks, self.counters)
         batch_id, finished = self.history.take_unflushed()
-        return SnapshotData(tasks=[copy(t) for t in self.index.tasks.values()], counters=copy(self.counters),
-                            wal_segment=segment, finished_batch=batch_id, finished=finished)
+        return SnapshotData(counters=counters, wal_segment=segment, finished_batch=batch_id, finished=finished,
+                            task_count=count)
+
+    def _on_copy_slice(self, msg: CopySlice) -> SnapshotSlice:
+        """The next slice of the image; none once writes stopped (memory may hold changes the WAL lacks)."""
+        return SnapshotSlice(tasks=[] if self.writes_stopped else self.image.copy_slice(msg.start))
 
     def _on_snapshot_taken(self, msg: SnapshotTaken) -> None:
+        self.image.clear()
         if msg.finished_batch:
             self.history.written(HistoryWritten(batch_id=msg.finished_batch, error=msg.error))
         if msg.error is None and self.wal is not None:
@@ -596,7 +603,7 @@ class QueueActor(HubActor):
         refusals = refusals_after_crash(message)
         if refusals is not None:
             send_outbox(refusals)
-        elif isinstance(message, PrepareSnapshot):
+        elif isinstance(message, PrepareSnapshot | CopySlice):
             raise ActorCrashed(f"no snapshot of a crashed queue actor: {self.crashed}")
         elif not isinstance(message, _IGNORED_AFTER_CRASH):
             return super().after_crash(message)
@@ -629,7 +636,7 @@ class QueueActor(HubActor):
         QueueRequests: _on_requests, RenewLeases: _on_renew, ExpireLeases: _on_expire_leases,
         ReclaimWorker: _on_reclaim, Tick: _on_tick, FillStats: _on_fill_stats, FillWorkers: _on_fill_workers,
         Shutdown: _on_shutdown, HistoryWritten: _on_history_written, ConnectionClosed: _on_connection_closed,
-        PrepareSnapshot: _on_prepare_snapshot, SnapshotTaken: _on_snapshot_taken,
+        PrepareSnapshot: _on_prepare_snapshot, CopySlice: _on_copy_slice, SnapshotTaken: _on_snapshot_taken,
     }
 
 

@@ -3,6 +3,9 @@
     python -m loadtest.restart_bench                  # 1,000,000 tasks, SIGTERM (graceful: final snapshot)
     python -m loadtest.restart_bench --kill           # SIGKILL: recovery replays the WAL after the last snapshot
     python -m loadtest.restart_bench --tasks 200000
+    python -m loadtest.restart_bench --snapshot-gap --set TQ_PERSISTENCE__SNAPSHOT_INTERVAL_SECS=5
+    python -m loadtest.restart_bench --tasks 130 --payload-bytes 16773120 --batch 1 --in-flight 2 \
+        --set TQ_BROKER__MAX_PENDING_BYTES=4294967296     # a 2 GiB snapshot: watch the peak RSS lines
 
 It starts a broker on a temp data dir, submits N pending tasks with pipelined SUBMIT_BATCHes, stops it
 (SIGTERM, or SIGKILL with --kill), starts it again on the same data dir and port, and reports:
@@ -10,7 +13,11 @@ It starts a broker on a temp data dir, submits N pending tasks with pipelined SU
 - answering: the first STATS is answered (recovery done, requests served);
 - recovered: STATS shows all N tasks pending (the figure asked for);
 plus the broker's own recovery log line and its resident memory (VmRSS) before the stop and after the
-restart. Default settings apart from the queue depth threshold (raised above N) and the data dir.
+restart, and the peak resident memory (VmHWM) of the broker and of its database process since the
+restart (the snapshot load). With --snapshot-gap, before stopping it sends STATS one at a time until the
+broker logs a timer snapshot of all N tasks and reports the slowest answer: the hub's longest silence
+during the snapshot, as a client sees it. Default settings apart from the queue depth threshold (raised
+above N) and the data dir.
 """
 
 from __future__ import annotations
@@ -54,6 +61,45 @@ def submit_all(port: int, tasks: int, batch: int, payload: bytes, in_flight: int
     if stats.pending != tasks:
         raise SystemExit(f"after submitting, STATS shows {stats.pending} pending, not {tasks}")
     return time.monotonic() - started
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss(broker: Broker) -> str:
+    """VmHWM of the broker and of each child (its database process), in MiB."""
+    assert broker.proc is not None
+    pid = broker.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    parts = [f"broker {_status_kib(pid, 'VmHWM') / 1024:,.0f} MiB"]
+    parts += [f"database process {_status_kib(int(c), 'VmHWM') / 1024:,.0f} MiB" for c in children]
+    return ", ".join(parts)
+
+
+def snapshot_gap(broker: Broker, port: int, tasks: int, timeout: float) -> None:
+    """STATS one at a time until the log shows a snapshot of `tasks` live tasks taken after this started;
+    prints the slowest round trip (the longest the broker left a request unanswered meanwhile)."""
+    marker = f"snapshot of {tasks} live tasks"
+    seen = broker.log_path.read_text(errors="replace").count(marker)
+    deadline = time.monotonic() + timeout
+    times: list[float] = []
+    with Client("127.0.0.1", port, timeout=timeout) as client:
+        while broker.log_path.read_text(errors="replace").count(marker) <= seen:
+            for _ in range(200):
+                before = time.perf_counter()
+                client.stats()
+                times.append(time.perf_counter() - before)
+            _check_alive(broker, deadline)
+    times.sort()
+    print(f"during a snapshot of {tasks:,} live tasks: {len(times):,} STATS one at a time, slowest "
+          f"{times[-1] * 1000:.1f} ms, p99.9 {times[int(len(times) * 0.999)] * 1000:.2f} ms, "
+          f"median {times[len(times) // 2] * 1000:.2f} ms")
+    line = [x for x in broker.log_path.read_text(errors="replace").splitlines() if marker in x][-1]
+    print(f"broker log: {line.strip()[-160:]}")
 
 
 def wait_listening(port: int, broker: Broker, deadline: float) -> None:
@@ -102,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="give up on the restart after this (s)")
     parser.add_argument("--set", action="append", default=[], metavar="TQ_SECTION__KEY=VALUE",
                         help="extra broker setting, e.g. TQ_PERSISTENCE__FSYNC=always")
+    parser.add_argument("--snapshot-gap", action="store_true",
+                        help="before stopping, measure the slowest STATS during a timer snapshot of all tasks")
     parser.add_argument("--data-dir", help="use (and keep) this data dir instead of a temporary one")
     args = parser.parse_args(argv)
 
@@ -116,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = submit_all(broker.port, args.tasks, args.batch, b"x" * args.payload_bytes, args.in_flight)
         print(f"submitted {args.tasks:,} tasks in {seconds:.1f} s ({args.tasks / seconds:,.0f}/s); "
               f"broker RSS {_mib(broker.rss_bytes())}")
+        if args.snapshot_gap:
+            snapshot_gap(broker, broker.port, args.tasks, args.timeout)
         stop_started = time.monotonic()
         if args.kill:
             broker.kill()
@@ -137,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{recovered - started:.2f} s")
         print(f"broker log: {broker.last_recovery_line()}")
         print(f"broker RSS after the restart: {_mib(rss)}")
+        print(f"peak RSS since the restart: {peak_rss(broker)}")
         broker.terminate(timeout=args.timeout)
     except BaseException:
         broker.kill()

@@ -294,28 +294,48 @@ class SnapshotClient:
 
     def write(self, tasks: Sequence[Task], counters: Counters, wal_segment: int,
               slice_bytes: int = SNAPSHOT_SLICE_BYTES) -> int:
-        """Writes `tasks` as the only snapshot, streamed in slices of at most SNAPSHOT_SLICE_TASKS tasks and
-        about `slice_bytes` of payload (one task bigger than that is a slice of its own), so the encoded
-        image never exists whole in either process; returns the snapshot id. `tasks` must not change
-        while this runs (the queue actor hands over copies)."""
-        call = self._process.call
-        snapshot_id = int(call("snapshot_begin"))
+        """Writes `tasks` as the only snapshot: `begin`, one `append`, `commit`; returns the snapshot id.
+        `tasks` must not change while this runs (the queue actor hands over copies)."""
+        snapshot_id = self.begin()
+        self.append(snapshot_id, tasks, slice_bytes)
+        return self.commit(snapshot_id, counters, wal_segment, len(tasks))
+
+    def begin(self) -> int:
+        """A new snapshot id to stage slices under (storage.snapshots `SnapshotStore.begin`)."""
+        return int(self._process.call("snapshot_begin"))
+
+    def append(self, snapshot_id: int, tasks: Sequence[Task], slice_bytes: int = SNAPSHOT_SLICE_BYTES) -> None:
+        """Stages `tasks` in slices of at most SNAPSHOT_SLICE_TASKS tasks and about `slice_bytes` of payload
+        (one task bigger than that is a slice of its own): neither process holds more than a slice encoded."""
         for piece in _slices(tasks, slice_bytes):
-            call("snapshot_slice", snapshot_id, attachment=_ENCODER.encode(piece))
+            self._process.call("snapshot_slice", snapshot_id, attachment=_ENCODER.encode(piece))
             gevent.sleep(0)
-        return int(call("snapshot_commit", snapshot_id, list(msgspec.structs.astuple(counters)), wal_segment,
-                        len(tasks)))
+
+    def commit(self, snapshot_id: int, counters: Counters, wal_segment: int, task_count: int) -> int:
+        """Makes the staged snapshot the only one once it holds `task_count` tasks; returns its id."""
+        return int(self._process.call("snapshot_commit", snapshot_id, list(msgspec.structs.astuple(counters)),
+                                      wal_segment, task_count))
 
     def load_latest(self) -> tuple[list[Task], Counters, int] | None:
-        loaded, blob = self._process.call_attached("snapshot_load")
-        if loaded is None:
+        """(tasks, counters, wal_segment) of the newest snapshot, or None. The database process sends one
+        slice table at a time and each slice's bytes are dropped once decoded: the broker holds the tasks
+        and one slice, never the encoded image."""
+        head = self._process.call("snapshot_slices")
+        if head is None:
             return None
-        counter_values, wal_segment = loaded
-        try:
-            tasks = decode_tasks(blob)
-        except msgspec.MsgspecError as exc:  # a row DuckDB read back without complaint, but not a Task
-            raise StorageCorrupt(f"database {self._process.path} is damaged: a task of the latest snapshot does "
-                                 f"not decode ({exc}); restore the file from a backup") from None
+        snapshot_id, counter_values, wal_segment, task_count, tables = head
+        tasks: list[Task] = []
+        for table in tables:
+            _, blob = self._process.call_attached("snapshot_slice_load", snapshot_id, table)
+            try:
+                tasks += decode_tasks(blob)
+            except msgspec.MsgspecError as exc:  # a row DuckDB read back without complaint, but not a Task
+                raise StorageCorrupt(f"database {self._process.path} is damaged: a task of the latest snapshot "
+                                     f"does not decode ({exc}); restore the file from a backup") from None
+            del blob
+        if len(tasks) != task_count:
+            raise StorageCorrupt(f"database {self._process.path} is damaged: snapshot {snapshot_id} should hold "
+                                 f"{task_count} tasks but holds {len(tasks)}; restore the file from a backup")
         return tasks, Counters(*counter_values), int(wal_segment)
 
 

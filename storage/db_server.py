@@ -79,7 +79,9 @@ class DatabaseServer:
             "snapshot_begin": self.snapshots.begin,
             "snapshot_slice": self.snapshots.append_slice,
             "snapshot_commit": self._snapshot_commit,
-            "snapshot_load": self._snapshot_load,
+            "snapshot_slices": self._snapshot_slices,
+            "snapshot_slice_load": lambda snapshot_id, table: db_wire.Attached(
+                None, self.snapshots.slice_blob(snapshot_id, table)),
         }
 
     def handle(self, request: list[Any], attachment: bytearray) -> None:
@@ -116,12 +118,12 @@ class DatabaseServer:
     def _snapshot_commit(self, snapshot_id: int, counter_values: list[int], wal_segment: int, count: int) -> int:
         return self.snapshots.commit(snapshot_id, Counters(*counter_values), wal_segment, count)
 
-    def _snapshot_load(self) -> db_wire.Attached | None:
-        loaded = self.snapshots.load_latest_blob()
-        if loaded is None:
+    def _snapshot_slices(self) -> list[Any] | None:
+        latest = self.snapshots.latest_slices()
+        if latest is None:
             return None
-        blob, counters, wal_segment = loaded
-        return db_wire.Attached([list(msgspec.structs.astuple(counters)), wal_segment], blob)
+        snapshot_id, counters, wal_segment, task_count, tables = latest
+        return [snapshot_id, list(msgspec.structs.astuple(counters)), wal_segment, task_count, tables]
 
 
 def _die_with_parent() -> None:

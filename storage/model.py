@@ -194,17 +194,23 @@ WalRecord = (
 
 
 def apply_record(
-    record: WalRecord, tasks: dict[str, Task], counters: Counters, ops: OpsState | None = None
+    record: WalRecord, tasks: dict[str, Task], counters: Counters, ops: OpsState | None = None,
+    *, as_written: bool = False,
 ) -> Task | None:
     """Replays one record onto `tasks` (and `ops`: queue settings, schedules); returns the task it finished.
 
     Records for tasks that are not live (already finished before the snapshot) are skipped. For
     TaskDied the task returned is a copy (for history): the live one stays in `tasks` as `failed`.
+    By default a record is idempotent: applying it twice changes and counts nothing more. With
+    `as_written` (recovery over a snapshot whose tasks were copied after its WAL rotation, see
+    actors/snapshot_image.py) a record is applied and counted as the live actor made it, without
+    re-checking the task's state: a TaskSubmitted always counts, a TaskDied always kills and counts,
+    TasksRequeued and DeadRemoved change every task they name.
     """
     if isinstance(record, TaskDied | DeadRemoved | TasksRequeued | QueueSettingsSet | ScheduleSet | ScheduleRemoved):
-        return apply_queue_op(record, tasks, counters, ops)
+        return apply_queue_op(record, tasks, counters, ops, as_written=as_written)
     if isinstance(record, TaskSubmitted):
-        if record.task.task_id not in tasks:
+        if as_written or record.task.task_id not in tasks:
             counters.submitted_total += 1
         tasks[record.task.task_id] = record.task
         return None
@@ -243,7 +249,7 @@ def apply_record(
 
 def apply_queue_op(
     record: TaskDied | DeadRemoved | TasksRequeued | QueueSettingsSet | ScheduleSet | ScheduleRemoved,
-    tasks: dict[str, Task], counters: Counters, ops: OpsState | None,
+    tasks: dict[str, Task], counters: Counters, ops: OpsState | None, *, as_written: bool = False,
 ) -> Task | None:
     """The queue-operation records (dead set, requeue, queue settings, schedules) of `apply_record`."""
     if isinstance(record, QueueSettingsSet | ScheduleSet | ScheduleRemoved):
@@ -253,20 +259,20 @@ def apply_queue_op(
     if isinstance(record, DeadRemoved):
         for task_id in record.task_ids:
             task = tasks.get(task_id)
-            if task is not None and task.state == TaskState.FAILED:
+            if task is not None and (as_written or task.state == TaskState.FAILED):
                 del tasks[task_id]
         return None
     if isinstance(record, TasksRequeued):
         for n, task_id in enumerate(record.task_ids):
             task = tasks.get(task_id)
-            if task is not None and task.state == TaskState.FAILED:
+            if task is not None and (as_written or task.state == TaskState.FAILED):
                 task.state, task.attempts, task.run_at = TaskState.PENDING, 0, record.at
                 task.ready_seq = record.first_seq + n
                 task.worker_id = task.started_at = task.finished_at = task.lease_expires_at = None
                 task.result = task.error = None
         return None
     task = tasks.get(record.task_id)
-    if task is None or task.state == TaskState.FAILED:  # unknown, or this death replayed twice
+    if task is None or (task.state == TaskState.FAILED and not as_written):  # unknown, or replayed twice
         return None
     task.state = TaskState.FAILED
     task.attempts = record.attempts

@@ -1,7 +1,8 @@
 """Start-up recovery: the newest snapshot, then every WAL record written after it.
 
-Replay is `storage.model.apply_record`, the same plain assignments the queue actor's changes
-produced, so recovering is deterministic and replaying a record twice is harmless. Tasks that a
+Replay is `storage.model.apply_record(..., as_written=True)`, the same plain assignments the queue
+actor's changes produced, applied and counted once each over the snapshot's image (whose tasks may
+have been copied after some of those records: actors/snapshot_image.py says why the result is exact). Tasks that a
 replayed record finished are handed back separately: their history batch may or may not have reached
 DuckDB before the crash, so the caller appends them with `TaskHistory.append_dedup`.
 """
@@ -77,7 +78,7 @@ def recover(data_dir: Path, snapshots: SnapshotSource, *, accept_wal_damage: boo
     ops = OpsState()
     replayed = 0
     for record in read_segments(wal_dir, from_segment, accept_damage=accept_wal_damage):
-        done = apply_record(record, tasks, counters, ops)
+        done = apply_record(record, tasks, counters, ops, as_written=True)  # actors/snapshot_image.py
         if done is not None:
             finished.append(done)
         replayed += 1

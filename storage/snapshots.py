@@ -1,12 +1,12 @@
 """Snapshots of all live tasks, in the same DuckDB file as the history.
 
-A snapshot is the set of live tasks and the counters at one instant, plus `wal_segment`: replay
-starts at that segment (the queue actor rotates the WAL and copies its tasks in the same message,
-so every change before the copy is in lower segments and every change after it is in that segment
-or later). It is written in slices (`begin`, `append_slice` per slice, `commit`), so neither process
-ever holds more than one slice of it: slices are staged in snapshot_tasks under a new snapshot_id
-that nothing reads until `commit` adds its `snapshots` row and deletes the older snapshot in one
-transaction. At any moment exactly one complete snapshot exists.
+A snapshot is the live tasks and the counters, plus `wal_segment`: replay starts at that segment.
+The counters are those at the WAL's rotation to that segment; each task is copied at some moment
+after it (slice by slice), and replaying the segment's records `as_written` over such an image gives
+the exact state (the contract is in actors/snapshot_image.py). It is written in slices (`begin`,
+`append_slice` per slice, `commit`), so neither process ever holds more than one slice of it: slices
+are staged in snapshot_tasks under a new snapshot_id that nothing reads until `commit` adds its
+`snapshots` row and deletes the older snapshot in one transaction. At any moment exactly one complete snapshot exists.
 
 Speed (measured here, DuckDB 2.0, 100-byte payloads, see the module tests and README):
 - The caller hands over one `msgspec.msgpack.encode(list[Task])` blob (a consistent copy, made in
@@ -15,11 +15,14 @@ Speed (measured here, DuckDB 2.0, 100-byte payloads, see the module tests and RE
   element in slices takes ~1 s and lets the hub run between slices (gaps under 0.2 s).
 - Rows go in through DuckDB's appender (~340k rows/s; `INSERT ... SELECT unnest(...)` managed ~60k
   rows/s for these 20 columns and held the GIL for the whole conversion).
-- Loading streams rows with `fetchmany` into `Task(*row)`: a million tasks in about 2 s.
+- Loading streams rows with `fetchmany` into `Task(*row)`: a million tasks in about 2 s. The database
+  process sends the broker one slice table at a time (`latest_slices`, `slice_blob`), so neither
+  process holds more than one slice's bytes of the image (docs/performance.md, Snapshots).
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 import duckdb
@@ -36,6 +39,7 @@ _SLICE_TABLES = ("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'ma
                  "AND table_name LIKE 'snapshot_slice_%' ORDER BY table_name")
 _TASK_FIELDS: tuple[str, ...] = Task.__struct_fields__
 _COUNTER_FIELDS: tuple[str, ...] = Counters.__struct_fields__
+_SOURCE_NAME = re.compile(r"snapshot_slice_\d+_\d{6}|snapshot_tasks_v1")
 _SLICE_ROWS = 20_000  # decode+append this many tasks per step: bounds GIL hold time and buffer memory
 
 _RAW_LIST = msgspec.msgpack.Decoder(list[msgspec.Raw])
@@ -88,10 +92,15 @@ class SnapshotStore:
         """(tasks, counters, wal_segment) of the newest snapshot, or None if there is none."""
         return self._db.run_read(_load_latest, str(self._db.path))
 
-    def load_latest_blob(self) -> tuple[bytearray, Counters, int] | None:
-        """`load_latest` with the tasks as one msgpack array (what the database process sends the
-        broker), built row slice by row slice: a million Task objects never exist here at once."""
-        return self._db.run_read(_load_latest_blob, str(self._db.path))
+    def latest_slices(self) -> tuple[int, Counters, int, int, list[str]] | None:
+        """(snapshot_id, counters, wal_segment, task_count, slice tables) of the newest snapshot, or None:
+        load its tasks with `slice_blob(snapshot_id, table)` for each table, in order."""
+        return self._db.run_read(_latest_slices)
+
+    def slice_blob(self, snapshot_id: int, table: str) -> bytearray:
+        """The tasks of snapshot `snapshot_id` in slice table `table` as one msgpack array: memory for one
+        slice (at most ~SNAPSHOT_SLICE_BYTES of payloads as written), never the whole image."""
+        return self._db.run_read(_slice_blob, snapshot_id, table)
 
 
 def _slice_tables(conn: duckdb.DuckDBPyConnection) -> dict[int, list[str]]:
@@ -200,20 +209,31 @@ def _load_latest(cursor: duckdb.DuckDBPyConnection, path: str) -> tuple[list[Tas
     return tasks, counters, wal_segment
 
 
-def _load_latest_blob(cursor: duckdb.DuckDBPyConnection, path: str) -> tuple[bytearray, Counters, int] | None:
+def _slice_sources(cursor: duckdb.DuckDBPyConnection, snapshot_id: int) -> list[str]:
+    """The tables holding snapshot `snapshot_id`'s rows, in slice order (format 1: its one table)."""
+    return _slice_tables(cursor).get(snapshot_id) or ["snapshot_tasks_v1"]
+
+
+def _latest_slices(cursor: duckdb.DuckDBPyConnection) -> tuple[int, Counters, int, int, list[str]] | None:
     head = _latest_head(cursor)
     if head is None:
         return None
     snapshot_id, wal_segment, task_count, counters = head
-    blob = bytearray(_array_header(task_count))
-    encode_into, found = _ENCODER.encode_into, 0
-    result = cursor.execute(_LOAD_TASKS, [snapshot_id])
-    while rows := result.fetchmany(_SLICE_ROWS):
-        for row in rows:
+    return snapshot_id, counters, wal_segment, task_count, _slice_sources(cursor, snapshot_id)
+
+
+def _slice_blob(cursor: duckdb.DuckDBPyConnection, snapshot_id: int, table: str) -> bytearray:
+    if not _SOURCE_NAME.fullmatch(table):
+        raise StorageError(f"{table!r} is not a snapshot slice table")
+    blob = bytearray(b"\xdd\0\0\0\0")  # array 32; its count is filled in at the end
+    encode_into, count = _ENCODER.encode_into, 0
+    result = cursor.execute(f"SELECT {', '.join(_TASK_FIELDS)} FROM {table} WHERE snapshot_id = $1", [snapshot_id])
+    while batch := result.fetchmany(_SLICE_ROWS):
+        for row in batch:
             encode_into(Task(*row), blob, -1)
-        found += len(rows)
-    _check_count(path, snapshot_id, task_count, found)
-    return blob, counters, wal_segment
+        count += len(batch)
+    blob[1:5] = count.to_bytes(4, "big")
+    return blob
 
 
 def _array_header(count: int) -> bytes:

@@ -237,8 +237,11 @@ def test_a_failed_snapshot_write_leaves_the_previous_snapshot_whole(db: Database
 def test_the_streamed_snapshot_blob_decodes_to_the_same_tasks(db: Database, count: int) -> None:
     tasks = [new_task(i) for i in range(count)]
     SnapshotStore(db).write(msgspec.msgpack.encode(tasks), Counters(submitted_total=count), 2)
-    loaded = SnapshotStore(db).load_latest_blob()
-    assert loaded is not None
-    blob, counters, segment = loaded
-    assert msgspec.msgpack.decode(blob, type=list[Task]) == tasks
-    assert (counters, segment) == (Counters(submitted_total=count), 2)
+    store = SnapshotStore(db)
+    latest = store.latest_slices()
+    assert latest is not None
+    snapshot_id, counters, segment, task_count, tables = latest
+    loaded = [t for table in tables for t in msgspec.msgpack.decode(store.slice_blob(snapshot_id, table),
+                                                                     type=list[Task])]
+    assert loaded == tasks
+    assert (counters, segment, task_count) == (Counters(submitted_total=count), 2, count)
