@@ -95,7 +95,7 @@ def not_durable(outbox: Outbox, exc: Exception) -> Outbox:
     """Every reply of a group whose fsync failed becomes INTERNAL: none of it may be taken as durable."""
     text = (f"{getattr(exc, 'message', None) or exc}; this change may not be durable: "
             "retry against a healthy broker")
-    return {key: (ref, [m if isinstance(m, Error) else Error(id=m.id, code=ErrorCode.INTERNAL,  # type: ignore[attr-defined]
+    return {key: (ref, [m if isinstance(m, Error) else Error(id=m.id, code=ErrorCode.INTERNAL,
                                                               message=text) for m in msgs])
             for key, (ref, msgs) in outbox.items()}
 

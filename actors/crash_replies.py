@@ -37,7 +37,7 @@ def crash_replies(message: Any, unsent: Outbox, waiters: ClaimWaiters, reason: s
 
     for reply_to, replies in unsent.values():
         for reply in replies:
-            owe(reply_to, reply.id)  # type: ignore[attr-defined]
+            owe(reply_to, reply.id)
     carried = _requests_of(message)
     if carried is not None:
         for request_id in carried[1]:

@@ -95,7 +95,8 @@ from transport.messages_ops import READ_REQUESTS
 
 log = logging.getLogger("tqbroker.queue")
 
-_READS = (Status, *READ_REQUESTS)  # answered even while changes are refused (shutting down, disk full)
+# Answered even while changes are refused (shutting down, disk full).
+_READS: tuple[type[Message], ...] = (Status, *READ_REQUESTS)
 MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
 TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable, expired leases pending, within this of their time
@@ -606,8 +607,9 @@ class QueueActor(HubActor):
         """After a failed append, memory must not keep what the WAL lacks. New tasks alone (the usual
         SUBMIT) are taken back out; any other change stops all writes until a restart, which recovers
         exactly the acknowledged state from the WAL."""
-        if all(isinstance(r, TaskSubmitted) for r in records):
-            for record in reversed(records):
+        submitted = [r for r in records if isinstance(r, TaskSubmitted)]
+        if len(submitted) == len(records):
+            for record in reversed(submitted):
                 task = self.index.tasks.pop(record.task.task_id)
                 self.index.leave(task)
                 task.state = TaskState.CANCELLED  # its heap entries are stale from now on

@@ -154,7 +154,7 @@ def _refuse_frame(session: Session, exc: FrameError) -> None:
     """A framing violation: answer the frames before it, then the error, then close."""
     if exc.code == ErrorCode.UNAUTHORIZED:
         session.auth_failed()
-    session.route(exc.frames)  # type: ignore[attr-defined]
+    session.route(exc.frames)
     session.refuse(Error(id=0, code=exc.code, message=exc.message))
 
 

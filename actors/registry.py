@@ -139,13 +139,13 @@ class WorkerRegistryActor(HubActor):
         for timer in self._timers:
             timer.kill(block=False)
         if isinstance(message, RegistryRequest):
-            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.INTERNAL,  # type: ignore[attr-defined]
+            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.INTERNAL,
                                           message=f"internal error, the request was not applied ({self.crashed}); "
                                                   "retry once the broker has restarted"))
 
     def after_crash(self, message: Any) -> None:
         if isinstance(message, RegistryRequest):
-            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.SHUTTING_DOWN,  # type: ignore[attr-defined]
+            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.SHUTTING_DOWN,
                                           message=STOPPING))
         elif not isinstance(message, (WorkerSeen, CheckWorkers, DeadlineTick, UseQueue, ForgetClaimer)):
             super().after_crash(message)

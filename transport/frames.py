@@ -34,12 +34,16 @@ _response_decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in RESPONSE_TYP
 
 
 class FrameError(Exception):
-    """A framing violation after which the connection must be closed (BAD_FRAME, FRAME_TOO_LARGE)."""
+    """A framing violation after which the connection must be closed (BAD_FRAME, FRAME_TOO_LARGE).
 
-    def __init__(self, code: str, message: str) -> None:
+    `frames` holds the complete frames decoded before the violation, in order: they are still answered.
+    """
+
+    def __init__(self, code: str, message: str, frames: list[tuple[int, bytes]] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.frames: list[tuple[int, bytes]] = frames if frames is not None else []
 
 
 def encode_frame(msg: Message) -> bytes:
@@ -124,9 +128,7 @@ class FrameReader:
 
     def _fail(self, frames: list[tuple[int, bytes]], pos: int, code: str, message: str) -> None:
         del self._buf[:]
-        err = FrameError(code, message)
-        err.frames = frames  # type: ignore[attr-defined]
-        raise err
+        raise FrameError(code, message, frames)
 
     @property
     def buffered(self) -> int:

@@ -16,7 +16,7 @@ import psutil
 import pykka
 
 from actors.worker.link import Connected, Heard, Lost, tell_quietly
-from actors.worker.roles import Settled, Started, Stop
+from actors.worker.messages import Settled, Started, Stop
 from transport.client import Client
 from transport.errors import BrokerError, ClientError, RequestTimeout
 

@@ -22,6 +22,18 @@ import pykka
 from msgspec import Struct
 
 from actors.worker.link import Connected, Lost, tell_quietly
+from actors.worker.messages import (
+    Deliver,
+    Finished,
+    Run,
+    RunningTasks,
+    Settled,
+    SlotFreed,
+    Started,
+    Stop,
+    UndeliveredCount,
+    WhenDone,
+)
 from actors.worker.pool import Backend, Outcome, unknown_kind
 from transport import messages as m
 from transport.client import Client
@@ -38,44 +50,6 @@ from transport.errors import (
 log = logging.getLogger("tqbroker.worker")
 
 RETRY_AFTER_S = 1.0
-
-
-class Run(Struct, frozen=True):
-    tasks: list[m.Assignment]
-    reply_to: Any
-
-
-class SlotFreed(Struct, frozen=True):
-    count: int = 1
-
-
-class Finished(Struct, frozen=True):
-    outcome: Outcome
-    final: bool = False  # the broker will not retry this task if it fails (its last attempt)
-    attempts: int = 0  # attempts made so far, this one included
-
-
-class Started(Struct, frozen=True):
-    task_id: str
-    lease_s: float | None
-
-
-class Settled(Struct, frozen=True):
-    task_ids: list[str]
-
-
-class Deliver(Struct, frozen=True):
-    outcome: Outcome
-
-
-class Stop(Struct, frozen=True):
-    """Stop claiming (claimer) / starting tasks (executor) / heartbeating (heartbeat)."""
-
-
-class WhenDone(Struct, frozen=True):
-    """Resolve `future` once nothing is left (executor: running tasks; reporter: undelivered results)."""
-
-    future: Any
 
 
 class _Again(Struct, frozen=True):
@@ -187,7 +161,7 @@ class ExecutorActor(pykka.ThreadingActor):
         elif isinstance(message, Stop):
             self.accepting = False
             self._maybe_done()
-        elif message == "running":
+        elif isinstance(message, RunningTasks):
             return sorted(self.running)
         return None
 
@@ -278,7 +252,7 @@ class ReporterActor(pykka.ThreadingActor):
         elif isinstance(message, WhenDone):
             self.waiters.append(message.future)
             self._flush()
-        elif message == "undelivered":
+        elif isinstance(message, UndeliveredCount):
             return len(self.outbox)
         return None
 

@@ -267,8 +267,10 @@ def _timestamp(run_at: float | dt.datetime | None, delay: float | None) -> float
 class Task(Generic[P, R]):
     """A function registered as a task kind. Calling it runs it here; `submit` sends it to the broker."""
 
+    __qualname__: str  # the wrapped function's, copied by functools.update_wrapper (pickling uses it)
+
     def __init__(self, fn: Callable[P, R], *, name: str | None = None, queue: str = "default",
-                 priority: int | str = "normal", max_retries: int | None = None,
+                 priority: int | m.PriorityName = "normal", max_retries: int | None = None,
                  lease_ms: int | None = None, cron: str | None = None, cron_tz: str = "UTC") -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
@@ -298,7 +300,7 @@ class Task(Generic[P, R]):
 
     def spec(self, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
              run_at: float | dt.datetime | None = None, delay: float | None = None,
-             unique_key: str | None = None, priority: int | str | None = None) -> m.TaskSpec:
+             unique_key: str | None = None, priority: int | m.PriorityName | None = None) -> m.TaskSpec:
         """The TaskSpec that submitting this call sends (useful to batch several kinds by hand)."""
         return m.TaskSpec(kind=self.kind, payload=encode_payload(args, kwargs), queue=self.queue,
                           priority=self.priority if priority is None else priority,
@@ -316,7 +318,7 @@ class Task(Generic[P, R]):
 
     def apply(self, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
               run_at: float | dt.datetime | None = None, delay: float | None = None,
-              unique_key: str | None = None, priority: int | str | None = None,
+              unique_key: str | None = None, priority: int | m.PriorityName | None = None,
               client: Client | None = None) -> TaskHandle:
         """Submit one call with explicit args/kwargs (and optionally another priority or client)."""
         spec = self.spec(args, kwargs, run_at=run_at, delay=delay, unique_key=unique_key, priority=priority)
@@ -387,13 +389,13 @@ def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 
 @overload
 def task(
-    *, name: str | None = None, queue: str = "default", priority: int | str = "normal",
+    *, name: str | None = None, queue: str = "default", priority: int | m.PriorityName = "normal",
     max_retries: int | None = None, lease_ms: int | None = None, cron: str | None = None, cron_tz: str = "UTC",
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def task(fn: Callable[P, R] | None = None, /, *, name: str | None = None, queue: str = "default",
-         priority: int | str = "normal", max_retries: int | None = None,
+         priority: int | m.PriorityName = "normal", max_retries: int | None = None,
          lease_ms: int | None = None, cron: str | None = None,
          cron_tz: str = "UTC") -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Register a function as a task kind; usable bare (`@task`) or with options (`@task(queue=...)`).
