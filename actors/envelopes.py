@@ -2,8 +2,8 @@
 
 A request that needs an answer carries `reply_to`, its connection's `ConnectionOutbox`
 (`actors.outbox`): the owner of the state tells the answer straight back, so the hot path is tell-only
-(DESIGN.md), and a reply with nothing queued ahead of it leaves without a hop through the connection's
-actor.
+(no actor waits on another's answer), and a reply with nothing queued ahead of it leaves without a hop
+through the connection's actor.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 It receives the queue-bound requests of one `recv()` as one message, applies each change through the
 state machine (`task_states`), writes the WAL records of the whole message with one `append`, and only
-then tells the replies back (PROTOCOL.md "Durability"). A CLAIM that finds nothing waits as a stored
+then tells the replies back (docs/protocol.md "Task states": durability). A CLAIM that finds nothing waits as a stored
 reply address until a task arrives or its `wait_ms` runs out (`actors.waiters`). How answers are
 worded and told back is in `actors.answers`.
 

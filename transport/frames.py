@@ -1,7 +1,7 @@
 """Frame codec: `length: u32 big-endian | type: u8 | payload: MessagePack map`.
 
 `FrameReader` is incremental: feed it whatever one `recv()` returned and it hands back every complete
-frame in it, so a connection decodes all frames of one read at once (the batching DESIGN.md measured).
+frame in it, so a connection decodes all frames of one read at once (see docs/performance.md#batching).
 It never buffers more than one frame of at most `max_frame_bytes`: a larger announced length is
 reported at once, before its body is read. The first frame of a stream may have a lower limit
 (`first_frame_limit`: before authentication only a HELLO is allowed), and `partial_length` exposes the

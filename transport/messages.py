@@ -346,7 +346,8 @@ RESPONSE_TYPES: dict[int, type[Message]] = {cls.type_byte: cls for cls in _RESPO
 
 
 class ErrorCode:
-    """The error codes of PROTOCOL.md, as constants so a typo is a NameError, not a new code."""
+    """The error codes of docs/protocol.md ("Error codes", "Version 1.1"), as constants so a typo is a
+    NameError, not a new code."""
 
     BAD_FRAME = "BAD_FRAME"
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
