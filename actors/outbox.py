@@ -4,9 +4,8 @@ Every request carries its connection's `ConnectionOutbox` as `reply_to`; whoever
 actor, the registry, a query greenlet, the connection's own reader) calls `outbox.tell(Replies(...))`.
 
 Why not simply the ConnectionActor's ref: a reply told to the actor is one more actor hop (an inbox
-put, a greenlet switch, the actor's dispatch). On figure a of the benchmark (one SUBMIT at a time)
-both hops together, reader → queue actor → connection actor, measured ~25-30 µs of a ~110 µs request;
-sending inline instead of taking the second hop measured 5-10 µs less broker CPU per request.
+put, a greenlet switch, the actor's dispatch), which sending inline saves (see
+docs/performance.md#replies-sent-inline).
 
 So when the connection has nothing queued ahead of the reply (its actor's inbox is empty and the
 actor is not inside a send that had to wait), `tell` does the actor's bookkeeping and a NON-BLOCKING

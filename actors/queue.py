@@ -461,10 +461,9 @@ class QueueActor(HubActor):
     def _publish_submitted(self) -> None:
         """Adds the SUBMITs accepted since the last tick to `tq_tasks_submitted_total`.
 
-        Once per tick, not per message: a prometheus-client `inc` takes a lock (a gevent lock under
-        monkey patching); per message it measured 3-6 µs of broker CPU per SUBMIT on figure a of the
-        benchmark (one at a time, ~90 µs each). So the metric lags the replies by up to one tick
-        (TICK_INTERVAL_S, 10 ms)."""
+        Once per tick, not per message (a prometheus-client `inc` takes a lock; see
+        docs/performance.md#the-submitted-tasks-metric), so the metric lags the replies by up to one tick
+        (TICK_INTERVAL_S)."""
         if self._submitted:
             for queue, count in self._submitted.items():
                 self.metrics.count_submitted(queue, count)

@@ -94,9 +94,8 @@ class HeartbeatActor(pykka.ThreadingActor):
         """CPU % and RSS of the worker plus, with a process pool, its children (each Process object is
         kept, because psutil measures CPU % between two calls on the same object).
 
-        Children are looked up only with a process pool: finding them scans all of /proc, and with a
-        CPU-bound task on a thread every one of those hundreds of reads waits up to a switch interval
-        for the GIL, which delayed heartbeats by over a second (measured).
+        Children are looked up only with a process pool: finding them scans all of /proc, which beside a
+        CPU-bound task thread delays the heartbeat (see docs/performance.md#worker-heartbeat-usage-figures).
         """
         try:
             cpu, rss = self.process.cpu_percent(None), self.process.memory_info().rss
