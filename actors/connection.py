@@ -23,6 +23,7 @@ import pykka
 
 from actors.browse_history import history_page
 from actors.context import BrokerContext
+from actors.dispatch import handles
 from actors.envelopes import ConnectionClosed, QueueRequests, RegistryRequest, Replies
 from actors.hub_actor import HubActor
 from actors.outbox import ConnectionOutbox, ConnectionState, Unsent
@@ -74,15 +75,17 @@ class ConnectionActor(HubActor):
         """A crash ends this connection only (actors.hub_actor's "stop" policy): the client sees it close."""
         self.outbox.shutdown()
 
-    def on_receive(self, message: Any) -> None:
-        outbox = self.outbox
-        if isinstance(message, Replies):
-            outbox.deliver(message, blocking=True)
-        elif isinstance(message, Unsent) and not outbox.state.closed:
+    @handles(Replies)
+    def _on_replies(self, message: Replies) -> None:
+        self.outbox.deliver(message, blocking=True)
+
+    @handles(Unsent)
+    def _on_unsent(self, message: Unsent) -> None:
+        if not self.outbox.state.closed:
             try:
-                outbox.send_blocking(message.data)
+                self.outbox.send_blocking(message.data)
             except OSError:
-                outbox.state.closed = True
+                self.outbox.state.closed = True
 
 
 class Session:

@@ -110,5 +110,15 @@ class CheckWorkers(Struct, gc=False):
     """From the registry's own timer: declare dead the workers that stopped heartbeating."""
 
 
+class DeadlineTick(Struct, gc=False):
+    """From the registry's own short timer: declare dead the workers whose deadline has passed."""
+
+
 class Shutdown(Struct, gc=False):
     """Answer waiting claims with an empty ASSIGNED and refuse new work with SHUTTING_DOWN."""
+
+
+class UseQueue(Struct, gc=False):
+    """Wiring, to the worker registry: the queue actor's ref (it starts after the registry)."""
+
+    queue: Any

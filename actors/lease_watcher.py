@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import gevent
-
+from actors.dispatch import handles
 from actors.envelopes import ExpireLeases
 from actors.hub_actor import HubActor
-from actors.timers import every
 
 
 class LeaseWatcherActor(HubActor):
@@ -26,15 +24,10 @@ class LeaseWatcherActor(HubActor):
         super().__init__()
         self.queue = queue
         self.interval_s = interval_s
-        self._timer: gevent.Greenlet | None = None
 
     def on_start(self) -> None:
-        self._timer = every(self.interval_s, self.actor_ref, ExpireLeases())
+        self.every(self.interval_s, ExpireLeases())
 
-    def on_stop(self) -> None:
-        if self._timer is not None:
-            self._timer.kill(block=False)
-
-    def on_receive(self, message: Any) -> None:
-        if isinstance(message, ExpireLeases):
-            self.queue.tell(message)
+    @handles(ExpireLeases)
+    def _on_expire_leases(self, message: ExpireLeases) -> None:
+        self.queue.tell(message)

@@ -38,6 +38,7 @@ from actors.answers import (
 from actors.browse import BrowsableIndex
 from actors.compactor import PrepareSnapshot, SnapshotData, SnapshotTaken
 from actors.crash_replies import crash_replies, refusals_after_crash
+from actors.dispatch import handles
 from actors.envelopes import (
     ConnectionClosed,
     ExpireLeases,
@@ -56,7 +57,6 @@ from actors.hub_actor import ActorCrashed, HubActor, injected_crash
 from actors.metrics import BrokerMetrics
 from actors.queue_ops import QueueOps
 from actors.recent import RecentTasks
-from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
 from storage.history_ids import ID_CLOCK_SLACK_S, id_time
@@ -154,10 +154,7 @@ class QueueActor(HubActor):
 
     def on_start(self) -> None:
         self.history.notify = self.actor_ref.tell
-        self._ticker = every(TICK_INTERVAL_S, self.actor_ref, Tick())
-
-    def on_stop(self) -> None:
-        self._ticker.kill(block=False)
+        self.every(TICK_INTERVAL_S, Tick())
 
     def _load(self, tasks: dict[str, Task], counters: Counters) -> None:
         """Rebuilds the indexes from recovered tasks; pending order is kept by ready_seq."""
@@ -184,14 +181,12 @@ class QueueActor(HubActor):
     # ------------------------------------------------------------ dispatch
 
     def on_receive(self, message: Any) -> Any:
-        handler = self._handlers.get(type(message))
-        if handler is None:
-            log.warning("queue actor ignored an unexpected message %s", type(message).__name__)
-            return None
-        result = handler(self, message)
+        """Dispatches `message` (actors.dispatch), then writes its WAL records and releases its replies."""
+        result = super().on_receive(message)
         self._commit()
         return result
 
+    @handles(QueueRequests)
     def _on_requests(self, batch: QueueRequests) -> None:
         now = time.time()
         refusal = self._refusal(self._wal_estimate(batch.requests))
@@ -399,6 +394,7 @@ class QueueActor(HubActor):
 
     # ------------------------------------------------------------ leases and workers
 
+    @handles(RenewLeases)
     def _on_renew(self, msg: RenewLeases) -> None:
         now = time.time()
         renewed_ids, expiries = [], []
@@ -413,6 +409,7 @@ class QueueActor(HubActor):
             self._records.append(LeasesRenewed(task_ids=renewed_ids, lease_expires_at=expiries))
         self._reply(msg.reply_to, Ok(id=msg.request_id))
 
+    @handles(ExpireLeases)
     def _on_expire_leases(self, _msg: ExpireLeases) -> None:
         self._expire_leases(time.time())
 
@@ -427,6 +424,7 @@ class QueueActor(HubActor):
         self.ready_seq += 1
         self._change(task, states.run_lost(task, reason, now, self.ready_seq))
 
+    @handles(ReclaimWorker)
     def _on_reclaim(self, msg: ReclaimWorker) -> None:
         now = time.time()
         held = sorted((self.index.tasks[t] for t in self.index.by_worker.get(msg.worker_id, ())),
@@ -443,6 +441,7 @@ class QueueActor(HubActor):
 
     # ------------------------------------------------------------ timers, stats, shutdown
 
+    @handles(Tick)
     def _on_tick(self, _msg: Tick) -> None:
         now = time.time()
         self._publish_submitted()
@@ -476,16 +475,19 @@ class QueueActor(HubActor):
                                       per_queue, self.history.backlog)
         self.metrics.pending_payload_bytes.set(self.payload_bytes)
 
+    @handles(FillStats)
     def _on_fill_stats(self, msg: FillStats) -> None:
         paused = sorted(q for q, setting in self.ops.settings.items() if setting.paused)
         stats = stats_info(self.index, self.counters, msg.workers_alive, msg.connections, time.time() - self.started,
                            paused)
         self._reply(msg.reply_to, StatsReply(id=msg.request_id, stats=stats))
 
+    @handles(FillWorkers)
     def _on_fill_workers(self, msg: FillWorkers) -> None:
         workers = with_running(msg.workers, self.index.by_worker)
         self._reply(msg.reply_to, WorkerList(id=msg.request_id, workers=workers))
 
+    @handles(PrepareSnapshot)
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
         """A consistent image: the WAL rotates first, so the image covers every earlier segment."""
         segment = self.wal.rotate() if self.wal is not None else 0
@@ -496,12 +498,14 @@ class QueueActor(HubActor):
         return SnapshotData(tasks=[copy(t) for t in self.index.tasks.values()], counters=copy(self.counters),
                             wal_segment=segment, finished_batch=batch_id, finished=finished)
 
+    @handles(SnapshotTaken)
     def _on_snapshot_taken(self, msg: SnapshotTaken) -> None:
         if msg.finished_batch:
             self.history.written(HistoryWritten(batch_id=msg.finished_batch, error=msg.error))
         if msg.error is None and self.wal is not None:
             self.wal.delete_segments_before(msg.wal_segment)
 
+    @handles(ConnectionClosed)
     def _on_connection_closed(self, msg: ConnectionClosed) -> None:
         """Withdraws the connection's waiting claims; worker ids first seen on it that hold no task go to
         the registry to be forgotten (it keeps those that registered or heartbeated)."""
@@ -513,9 +517,11 @@ class QueueActor(HubActor):
                 if self.registry is not None:
                     self.registry.tell(ForgetClaimer(worker_id=worker_id))
 
+    @handles(HistoryWritten)
     def _on_history_written(self, msg: HistoryWritten) -> None:
         self.history.written(msg)
 
+    @handles(Shutdown)
     def _on_shutdown(self, _msg: Shutdown) -> None:
         self.shutting_down = True
         self._publish_submitted()
@@ -586,7 +592,6 @@ class QueueActor(HubActor):
 
     def on_crash(self, message: Any) -> None:
         """Never sends the crashing message's replies nor writes its records (`actors.crash_replies`)."""
-        self._ticker.kill(block=False)
         self._records.clear()
         unsent, self._outbox = self._outbox, {}
         send_outbox(crash_replies(message, unsent, self.waiters, self.crashed or ""))
@@ -625,12 +630,6 @@ class QueueActor(HubActor):
     _request_handlers: dict[type, Any] = {
         Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,
         Status: _on_status, Cancel: _on_cancel, **queue_admin.HANDLERS,
-    }
-    _handlers: dict[type, Any] = {
-        QueueRequests: _on_requests, RenewLeases: _on_renew, ExpireLeases: _on_expire_leases,
-        ReclaimWorker: _on_reclaim, Tick: _on_tick, FillStats: _on_fill_stats, FillWorkers: _on_fill_workers,
-        Shutdown: _on_shutdown, HistoryWritten: _on_history_written, ConnectionClosed: _on_connection_closed,
-        PrepareSnapshot: _on_prepare_snapshot, SnapshotTaken: _on_snapshot_taken,
     }
 
 
