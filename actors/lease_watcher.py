@@ -10,17 +10,22 @@ It holds no state, so a crash is logged and the next message handled as usual ("
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+import pykka
 
 from actors.dispatch import handles
 from actors.envelopes import ExpireLeases
 from actors.hub_actor import HubActor
 
+if TYPE_CHECKING:
+    from actors.queue import QueueActor
+
 
 class LeaseWatcherActor(HubActor):
     crash_policy = "restart"
 
-    def __init__(self, queue: Any, interval_s: float) -> None:
+    def __init__(self, queue: pykka.ActorRef[QueueActor], interval_s: float) -> None:
         super().__init__()
         self.queue = queue
         self.interval_s = interval_s

@@ -24,12 +24,12 @@ import msgspec
 from actors import queue_admin
 from actors import task_states as states
 from actors.answers import (
-    Outbox,
+    PendingReplies,
     finished_answer,
     not_durable,
     queue_gauges,
     refuse,
-    send_outbox,
+    send_replies,
     stats_info,
     task_info,
     with_running,
@@ -143,11 +143,11 @@ class QueueActor(HubActor):
         p = settings.persistence
         self.recent = RecentTasks(p.recent_results_bytes)
         self.ops = QueueOps(p.dead_set_max, p.dead_set_retention_days * 86400, ops_state, time.time())
-        self.waiters = ClaimWaiters(self._claimable, self._claim, self._reply)
+        self.waiters = ClaimWaiters(self._claimable, self._claim, self._queue_reply)
         self.shutting_down = False
         self.writes_stopped: str | None = None  # why: a WAL append failed with changes that cannot be undone
         self._records: list[WalRecord] = []
-        self._outbox: Outbox = {}
+        self._pending_replies: PendingReplies = {}
         self._submitted: dict[str, int] = {}  # per queue, counted into the metric once per tick
         if recovered is not None:
             self._load(*recovered)
@@ -192,11 +192,11 @@ class QueueActor(HubActor):
         refusal = self._refusal(self._wal_estimate(batch.requests))
         for request in batch.requests:
             if refusal is not None and not isinstance(request, _READS):
-                self._reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
+                self._queue_reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
                 continue
             reply = self._request_handlers[type(request)](self, request, batch.reply_to, now)
             if reply is not None:
-                self._reply(batch.reply_to, reply)
+                self._queue_reply(batch.reply_to, reply)
 
     def _refusal(self, wal_bytes: int) -> tuple[str, str] | None:
         """Why changes are refused right now (shutting down, writes stopped, or the WAL cannot take
@@ -367,7 +367,7 @@ class QueueActor(HubActor):
         """
         finished = self.recent.get(task_id)
         if finished is not None:
-            self._reply(reply_to, finished_answer(request_id, finished, code, message))
+            self._queue_reply(reply_to, finished_answer(request_id, finished, code, message))
             return
         if not self._may_exist(task_id):
             self._reply(reply_to, Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}"))
@@ -382,7 +382,7 @@ class QueueActor(HubActor):
                 return Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}")
             return finished_answer(request_id, task, code, message)
 
-        self.history.lookup(task_id, lambda task, failure: send_outbox({"": (reply_to, [answer(task, failure)])}))
+        self.history.lookup(task_id, lambda task, failure: send_replies({"": (reply_to, [answer(task, failure)])}))
 
     def _may_exist(self, task_id: str) -> bool:
         """False only for an id no task of this broker can have: not of its format (states.TaskIds), its
@@ -407,7 +407,7 @@ class QueueActor(HubActor):
                 expiries.append(task.lease_expires_at)
         if renewed_ids:
             self._records.append(LeasesRenewed(task_ids=renewed_ids, lease_expires_at=expiries))
-        self._reply(msg.reply_to, Ok(id=msg.request_id))
+        self._queue_reply(msg.reply_to, Ok(id=msg.request_id))
 
     @handles(ExpireLeases)
     def _on_expire_leases(self, _msg: ExpireLeases) -> None:
@@ -437,7 +437,7 @@ class QueueActor(HubActor):
                 self._lose_run(task, f"worker {msg.worker_id} stopped heartbeating", now)
         self.known_workers.discard(msg.worker_id)
         if msg.reply_to is not None:
-            self._reply(msg.reply_to, Ok(id=msg.request_id))
+            self._queue_reply(msg.reply_to, Ok(id=msg.request_id))
 
     # ------------------------------------------------------------ timers, stats, shutdown
 
@@ -480,12 +480,12 @@ class QueueActor(HubActor):
         paused = sorted(q for q, setting in self.ops.settings.items() if setting.paused)
         stats = stats_info(self.index, self.counters, msg.workers_alive, msg.connections, time.time() - self.started,
                            paused)
-        self._reply(msg.reply_to, StatsReply(id=msg.request_id, stats=stats))
+        self._queue_reply(msg.reply_to, StatsReply(id=msg.request_id, stats=stats))
 
     @handles(FillWorkers)
     def _on_fill_workers(self, msg: FillWorkers) -> None:
         workers = with_running(msg.workers, self.index.by_worker)
-        self._reply(msg.reply_to, WorkerList(id=msg.request_id, workers=workers))
+        self._queue_reply(msg.reply_to, WorkerList(id=msg.request_id, workers=workers))
 
     @handles(PrepareSnapshot)
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
@@ -559,48 +559,50 @@ class QueueActor(HubActor):
         now = time.time()
         return any(self.ops.claimable(self.index, q, now) for q in queues)
 
-    def _reply(self, reply_to: Any, message: Message) -> None:
+    def _queue_reply(self, reply_to: Any, message: Message) -> None:
+        """Holds `message` for `reply_to` until `_commit`: it leaves once this message's WAL records are
+        durable, in the order queued."""
         key = reply_to.actor_urn
-        entry = self._outbox.get(key)
+        entry = self._pending_replies.get(key)
         if entry is None:
-            self._outbox[key] = (reply_to, [message])
+            self._pending_replies[key] = (reply_to, [message])
         else:
             entry[1].append(message)
 
     def _commit(self) -> None:
         """Writes this message's WAL records, then releases its replies once they are durable."""
-        outbox, self._outbox = self._outbox, {}
+        replies, self._pending_replies = self._pending_replies, {}
         records, self._records = self._records, []
         if records and self.wal is not None and self.writes_stopped is not None:
             records = []  # memory may hold changes the WAL lacks: write nothing more until the restart
-            outbox = {k: (ref, [refuse(m, _Stopped(self.writes_stopped)) for m in msgs])
-                      for k, (ref, msgs) in outbox.items()}
+            replies = {k: (ref, [refuse(m, _Stopped(self.writes_stopped)) for m in msgs])
+                      for k, (ref, msgs) in replies.items()}
         if records and self.wal is not None:
             try:
                 self.wal.append(records)
             except Exception as exc:  # WalError: refuse the acknowledgements, keep answering reads
                 log.error("WAL append failed: %s", getattr(exc, "message", exc))
                 self._undo_or_stop(records)
-                outbox = {k: (ref, [refuse(m, exc) for m in msgs]) for k, (ref, msgs) in outbox.items()}
-                send_outbox(outbox)
+                replies = {k: (ref, [refuse(m, exc) for m in msgs]) for k, (ref, msgs) in replies.items()}
+                send_replies(replies)
                 return
-            self.wal.after_durable(lambda: send_outbox(outbox), lambda exc: send_outbox(not_durable(outbox, exc)))
+            self.wal.after_durable(lambda: send_replies(replies), lambda exc: send_replies(not_durable(replies, exc)))
             return
-        send_outbox(outbox)
+        send_replies(replies)
 
     # ------------------------------------------------------------ after a crash (see the module docstring)
 
     def on_crash(self, message: Any) -> None:
         """Never sends the crashing message's replies nor writes its records (`actors.crash_replies`)."""
         self._records.clear()
-        unsent, self._outbox = self._outbox, {}
-        send_outbox(crash_replies(message, unsent, self.waiters, self.crashed or ""))
+        unsent, self._pending_replies = self._pending_replies, {}
+        send_replies(crash_replies(message, unsent, self.waiters, self.crashed or ""))
 
     def after_crash(self, message: Any) -> Any:
         """Requests get SHUTTING_DOWN, timers and notices nothing, asks (a snapshot) ActorCrashed."""
         refusals = refusals_after_crash(message)
         if refusals is not None:
-            send_outbox(refusals)
+            send_replies(refusals)
         elif isinstance(message, PrepareSnapshot):
             raise ActorCrashed(f"no snapshot of a crashed queue actor: {self.crashed}")
         elif not isinstance(message, _IGNORED_AFTER_CRASH):

@@ -240,7 +240,7 @@ class ReporterActor(Dispatching, pykka.ThreadingActor):
         self.control = control
         self.link = link
         self.heartbeat = heartbeat
-        self.outbox: dict[str, Outcome] = {}
+        self.undelivered: dict[str, Outcome] = {}
         self.generation = 0
         self.worker_id = ""
         self.connected = False
@@ -250,7 +250,7 @@ class ReporterActor(Dispatching, pykka.ThreadingActor):
 
     @handles(Deliver)
     def _on_deliver(self, message: Deliver) -> None:
-        self.outbox[message.outcome.task_id] = message.outcome
+        self.undelivered[message.outcome.task_id] = message.outcome
         if not self.flush_queued:  # behind every Deliver already in the mailbox: one pipeline for all
             self.flush_queued = True
             self.actor_ref.tell(_Flush())
@@ -277,18 +277,18 @@ class ReporterActor(Dispatching, pykka.ThreadingActor):
 
     @handles(UndeliveredCount)
     def _on_undelivered_count(self, _message: UndeliveredCount) -> int:
-        return len(self.outbox)
+        return len(self.undelivered)
 
     def _flush(self) -> None:
-        if self.outbox and self.connected:
+        if self.undelivered and self.connected:
             self._send()
-        if not self.outbox and self.waiters:
+        if not self.undelivered and self.waiters:
             for future in self.waiters:
                 future.set(True)
             self.waiters.clear()
 
     def _send(self) -> None:
-        batch = list(self.outbox.values())
+        batch = list(self.undelivered.values())
         requests = [m.Result(id=0, worker_id=self.worker_id, task_id=o.task_id, ok=o.ok, result=o.result,
                              error=o.error, retry=o.retry) for o in batch]
         try:
@@ -314,13 +314,13 @@ class ReporterActor(Dispatching, pykka.ThreadingActor):
                 log.warning("result not accepted yet (%s); will resend", reply, extra=extra)
                 later = True
         for task_id in settled:
-            del self.outbox[task_id]
+            del self.undelivered[task_id]
         if settled:
             self.heartbeat.tell(Settled(task_ids=settled))
         if lost is not None:
             self.connected = False
-            log.info("%d result(s) kept for delivery after reconnecting", len(self.outbox),
-                     extra={"worker_id": self.worker_id, "count": len(self.outbox)})
+            log.info("%d result(s) kept for delivery after reconnecting", len(self.undelivered),
+                     extra={"worker_id": self.worker_id, "count": len(self.undelivered)})
             self.link.tell(Lost(generation=self.generation, source="control", reason=str(lost)))
         elif later and not self.retry_queued:
             self.retry_queued = True
