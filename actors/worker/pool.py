@@ -70,7 +70,7 @@ def unknown_kind(task_id: str, kind: str, served: list[str]) -> Outcome:
 def execute(task_id: str, kind: str, payload: bytes) -> Outcome:
     """Run one task to an Outcome. Never raises: every failure of user code becomes a failed RESULT.
 
-    Runs in a pool thread or a child process, so it touches nothing but the task registry.
+    Runs in a pool thread or a child process, so it touches nothing but the registered task kinds (`registered_tasks`).
     """
     fn_task = registered_tasks().get(kind)
     if fn_task is None:

@@ -244,14 +244,14 @@ def _outcome(info: m.TaskInfo) -> Any:
 
 # ---------------------------------------------------------------- the decorator
 
-_registry: dict[str, Task[Any, Any]] = {}
-_registry_lock = threading.Lock()
+_task_kinds: dict[str, Task[Any, Any]] = {}
+_task_kinds_lock = threading.Lock()
 
 
 def registered_tasks() -> dict[str, Task[Any, Any]]:
     """Every `@task` defined (imported) in this process, by kind: what a worker can serve."""
-    with _registry_lock:
-        return dict(_registry)
+    with _task_kinds_lock:
+        return dict(_task_kinds)
 
 
 def _timestamp(run_at: float | dt.datetime | None, delay: float | None) -> float | None:
@@ -353,12 +353,12 @@ def _split_call(call: Any) -> tuple[tuple[Any, ...] | list[Any], dict[str, Any] 
 
 
 def _register(t: Task[Any, Any]) -> None:
-    with _registry_lock:
-        existing = _registry.get(t.kind)
+    with _task_kinds_lock:
+        existing = _task_kinds.get(t.kind)
         if existing is not None and (existing.__module__, existing.__qualname__) != (t.__module__, t.__qualname__):
             raise ValueError(f"task kind {t.kind!r} is already registered by "
                              f"{existing.__module__}.{existing.__qualname__}; give one of them another name=")
-        _registry[t.kind] = t  # a module imported again (reload) replaces its own tasks
+        _task_kinds[t.kind] = t  # a module imported again (reload) replaces its own tasks
 
 
 def _check_cron(kind: str, cron: str, tz: str) -> None:
