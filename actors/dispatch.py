@@ -53,7 +53,8 @@ class Dispatching:
     def on_receive(self, message: Any) -> Any:
         handler = self.handlers.get(type(message))
         if handler is None:
-            return self.unexpected(message)
+            self.unexpected(message)
+            return None
         return handler(self, message)
 
     def unexpected(self, message: Any) -> None:
