@@ -376,7 +376,8 @@ class QueueActor(HubActor):
             self._queue_reply(reply_to, finished_answer(request_id, finished, code, message))
             return
         if not self._may_exist(task_id):
-            self._reply(reply_to, Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}"))
+            self._queue_reply(reply_to, Error(id=request_id, code=ErrorCode.NOT_FOUND,
+                                              message=f"no task with id {task_id}"))
             return
 
         def answer(task: Task | None, failure: str | None) -> Message:
