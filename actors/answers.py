@@ -1,7 +1,7 @@
 """How the queue actor words its answers, and how they leave it.
 
 Pure functions over tasks, the task index and protocol messages (they change nothing), kept apart from
-`actors.queue` so the actor reads as the state machine it drives. `send_outbox` is the one place replies
+`actors.queue` so the actor reads as the state machine it drives. `send_replies` is the one place replies
 are told to the connections' reply addresses (`actors.outbox.ConnectionOutbox`).
 """
 
@@ -30,7 +30,7 @@ from transport.messages import (
 )
 from transport.messages_ops import Count
 
-Outbox = dict[str, tuple[Any, list[Message]]]  # connection actor urn -> (reply_to, messages for it)
+PendingReplies = dict[str, tuple[Any, list[Message]]]  # connection actor urn -> (reply_to, messages for it)
 
 _ACKS = (Submitted, SubmittedBatch, Ok, Assigned, Count)
 
@@ -91,17 +91,17 @@ def refuse(message: Message, exc: Exception) -> Message:
     return message
 
 
-def not_durable(outbox: Outbox, exc: Exception) -> Outbox:
+def not_durable(replies: PendingReplies, exc: Exception) -> PendingReplies:
     """Every reply of a group whose fsync failed becomes INTERNAL: none of it may be taken as durable."""
     text = (f"{getattr(exc, 'message', None) or exc}; this change may not be durable: "
             "retry against a healthy broker")
-    return {key: (ref, [m if isinstance(m, Error) else Error(id=m.id, code=ErrorCode.INTERNAL,  # type: ignore[attr-defined]
+    return {key: (ref, [m if isinstance(m, Error) else Error(id=m.id, code=ErrorCode.INTERNAL,
                                                               message=text) for m in msgs])
-            for key, (ref, msgs) in outbox.items()}
+            for key, (ref, msgs) in replies.items()}
 
 
-def send_outbox(outbox: Outbox) -> None:
-    for reply_to, messages in outbox.values():
+def send_replies(replies: PendingReplies) -> None:
+    for reply_to, messages in replies.values():
         try:
             reply_to.tell(Replies(messages))
         except pykka.ActorDeadError:  # the connection closed meanwhile; its leases will expire

@@ -23,6 +23,7 @@ import pykka
 
 from actors.browse_history import history_page
 from actors.context import BrokerContext
+from actors.dispatch import handles
 from actors.envelopes import ConnectionClosed, QueueRequests, RegistryRequest, Replies
 from actors.hub_actor import HubActor
 from actors.outbox import ConnectionOutbox, ConnectionState, Unsent
@@ -54,7 +55,7 @@ log = logging.getLogger("tqbroker.connection")
 # A frame up to this size never waits for the frame budget: at most one per connection is partial, so
 # max_connections bounds their memory (64 MiB at 1,000), and a HELLO is never stuck behind big uploads.
 UNBUDGETED_FRAME_BYTES = 64 * 1024
-_QUEUE_REQUESTS = (Submit, SubmitBatch, Claim, Result, Status, Cancel, *ADMIN_REQUESTS)
+_QUEUE_REQUESTS: tuple[type[Message], ...] = (Submit, SubmitBatch, Claim, Result, Status, Cancel, *ADMIN_REQUESTS)
 _REGISTRY_REQUESTS = (Register, Deregister, Heartbeat, Stats, Workers)
 
 
@@ -74,15 +75,17 @@ class ConnectionActor(HubActor):
         """A crash ends this connection only (actors.hub_actor's "stop" policy): the client sees it close."""
         self.outbox.shutdown()
 
-    def on_receive(self, message: Any) -> None:
-        outbox = self.outbox
-        if isinstance(message, Replies):
-            outbox.deliver(message, blocking=True)
-        elif isinstance(message, Unsent) and not outbox.state.closed:
+    @handles(Replies)
+    def _on_replies(self, message: Replies) -> None:
+        self.outbox.deliver(message, blocking=True)
+
+    @handles(Unsent)
+    def _on_unsent(self, message: Unsent) -> None:
+        if not self.outbox.state.closed:
             try:
-                outbox.send_blocking(message.data)
+                self.outbox.send_blocking(message.data)
             except OSError:
-                outbox.state.closed = True
+                self.outbox.state.closed = True
 
 
 class Session:
@@ -206,7 +209,9 @@ class Session:
 
     def route(self, frames: list[tuple[int, bytes]], nbytes: int = 0) -> bool:
         """Routes decoded frames; False when the connection must close (failed authentication)."""
-        ctx, direct, to_queue = self.ctx, [], []
+        ctx = self.ctx
+        direct: list[Message] = []
+        to_queue: list[Message] = []
         for type_byte, payload in frames:
             msg = decode_request(type_byte, payload)
             if not self.authenticated:
@@ -250,7 +255,7 @@ class Session:
         """With auth enabled, the first frame must be a HELLO carrying a valid key."""
         if not isinstance(msg, Hello):
             self.auth_failed()
-            direct.append(Error(id=msg.id, code=ErrorCode.UNAUTHORIZED,  # type: ignore[attr-defined]
+            direct.append(Error(id=msg.id, code=ErrorCode.UNAUTHORIZED,
                                 message="authentication required: the first frame must be a valid HELLO with "
                                         "an api_key"))
             return False

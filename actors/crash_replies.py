@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.answers import Outbox
+from actors.answers import PendingReplies
 from actors.envelopes import QueueRequests
 from actors.waiters import ClaimWaiters
 from transport.messages import Error, ErrorCode
@@ -27,7 +27,7 @@ def _requests_of(message: Any) -> tuple[Any, list[int]] | None:
     return None
 
 
-def crash_replies(message: Any, unsent: Outbox, waiters: ClaimWaiters, reason: str) -> Outbox:
+def crash_replies(message: Any, unsent: PendingReplies, waiters: ClaimWaiters, reason: str) -> PendingReplies:
     """INTERNAL for every request the crashing `message` carried or had answered in `unsent`, and
     SHUTTING_DOWN for every waiting CLAIM (each waiter is marked done)."""
     owed: dict[str, tuple[Any, dict[int, None]]] = {}  # connection -> (reply address, request ids, in order)
@@ -37,13 +37,13 @@ def crash_replies(message: Any, unsent: Outbox, waiters: ClaimWaiters, reason: s
 
     for reply_to, replies in unsent.values():
         for reply in replies:
-            owe(reply_to, reply.id)  # type: ignore[attr-defined]
+            owe(reply_to, reply.id)
     carried = _requests_of(message)
     if carried is not None:
         for request_id in carried[1]:
             owe(carried[0], request_id)
     text = f"internal error, the request was not applied ({reason}); retry once the broker has restarted"
-    out: Outbox = {key: (reply_to, [Error(id=i, code=ErrorCode.INTERNAL, message=text) for i in ids])
+    out: PendingReplies = {key: (reply_to, [Error(id=i, code=ErrorCode.INTERNAL, message=text) for i in ids])
                    for key, (reply_to, ids) in owed.items()}
     for waiter in waiters.waiting:
         if not waiter.done:
@@ -53,7 +53,7 @@ def crash_replies(message: Any, unsent: Outbox, waiters: ClaimWaiters, reason: s
     return out
 
 
-def refusals_after_crash(message: Any) -> Outbox | None:
+def refusals_after_crash(message: Any) -> PendingReplies | None:
     """SHUTTING_DOWN for every request a message to the crashed actor carries; None if it carries none."""
     carried = _requests_of(message)
     if carried is None:

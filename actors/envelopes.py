@@ -2,8 +2,8 @@
 
 A request that needs an answer carries `reply_to`, its connection's `ConnectionOutbox`
 (`actors.outbox`): the owner of the state tells the answer straight back, so the hot path is tell-only
-(DESIGN.md), and a reply with nothing queued ahead of it leaves without a hop through the connection's
-actor.
+(no actor waits on another's answer), and a reply with nothing queued ahead of it leaves without a hop
+through the connection's actor.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from msgspec import Struct
 
+from storage.model import Counters, Task
 from transport.messages import Message, WorkerInfo
 
 
@@ -110,5 +111,69 @@ class CheckWorkers(Struct, gc=False):
     """From the registry's own timer: declare dead the workers that stopped heartbeating."""
 
 
+class DeadlineTick(Struct, gc=False):
+    """From the registry's own short timer: declare dead the workers whose deadline has passed."""
+
+
 class Shutdown(Struct, gc=False):
     """Answer waiting claims with an empty ASSIGNED and refuse new work with SHUTTING_DOWN."""
+
+
+class UseQueue(Struct, gc=False):
+    """Wiring, to the worker registry: the queue actor's ref (it starts after the registry)."""
+
+    queue: Any
+
+
+# ---------------------------------------------------------------- snapshots and history (compactor, history link)
+
+
+class TakeSnapshot(Struct):
+    """Timer or shutdown: write a snapshot now."""
+
+
+class Compact(Struct):
+    """Timer: apply history retention and CHECKPOINT."""
+
+
+class PrepareSnapshot(Struct):
+    """Asked of the queue actor: rotate the WAL and start an image of the tasks live at that point."""
+
+
+class SnapshotData(Struct, gc=False):
+    """The start of an image: counters at the WAL rotation, `task_count` tasks to fetch with CopySlice.
+    `finished` is history batch `finished_batch`, committed with the snapshot."""
+
+    counters: Counters
+    wal_segment: int
+    finished_batch: str
+    finished: list[Task]
+    task_count: int
+
+
+class CopySlice(Struct):
+    """Asked of the queue actor: copies of the image's tasks `start` .. `start + COPY_SLICE_TASKS`."""
+
+    start: int
+
+
+class SnapshotSlice(Struct, gc=False):
+    """Shallow copies made in the queue actor's handler (payloads are immutable bytes, shared)."""
+
+    tasks: list[Task]
+
+
+class SnapshotTaken(Struct, gc=False):
+    """Told to the queue actor: segments before `wal_segment` are covered; batch `finished_batch` is in
+    history (unless `error`)."""
+
+    wal_segment: int
+    finished_batch: str
+    error: str | None = None
+
+
+class HistoryWritten(Struct, gc=False):
+    """A history batch finished writing (`error` is None on success)."""
+
+    batch_id: str
+    error: str | None = None

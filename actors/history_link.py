@@ -16,21 +16,14 @@ from typing import Any
 
 import gevent
 import gevent.queue
-from msgspec import Struct
 
+from actors.envelopes import HistoryWritten
 from storage.model import Task
 
 log = logging.getLogger("tqbroker.history")
 
 LOOKUP_BATCH = 4096  # ids per history read at most: one scan answers every lookup waiting, up to this many
 Found = Callable[[Task | None, str | None], None]
-
-
-class HistoryWritten(Struct, gc=False):
-    """A history batch finished writing (`error` is None on success)."""
-
-    batch_id: str
-    error: str | None = None
 
 
 class HistoryLink:

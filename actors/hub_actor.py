@@ -36,10 +36,14 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
+import gevent
 import gevent.queue
 import pykka
 from gevent import monkey
 from pykka import messages as pykka_messages
+
+from actors import timers
+from actors.dispatch import Dispatching
 
 log = logging.getLogger("tqbroker.supervision")
 
@@ -70,12 +74,32 @@ class ActorCrashed(Exception):
     """Raised to an asker of an actor that crashed; already logged, it does not stop the actor."""
 
 
-class HubActor(pykka.ThreadingActor):
-    """Base of every broker actor."""
+class HubActor(Dispatching, pykka.ThreadingActor):
+    """Base of every broker actor; messages are dispatched by type (`@handles`, actors.dispatch)."""
 
     crash_policy: ClassVar[CrashPolicy] = "stop"
     expected_errors: ClassVar[tuple[type[Exception], ...]] = ()  # raised to the asker, state unchanged: no crash
     crashed: str | None = None  # why this actor crashed, once it has
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._periodic: list[gevent.Greenlet] = []
+
+    def every(self, interval_s: float, message: object) -> None:
+        """Tells `message` to this actor every `interval_s` seconds (call it from `on_start`). The timer
+        ends when the actor stops, and when it crashes unless its policy is "restart"."""
+        self._periodic.append(timers.every(interval_s, self.actor_ref, message))
+
+    def stop_timers(self) -> None:
+        """Ends every timer started with `every`; idempotent."""
+        periodic, self._periodic = self._periodic, []
+        for timer in periodic:
+            timer.kill(block=False)
+
+    def _stop(self) -> None:
+        """Pykka's stop (on a stop message or a failure), after ending this actor's timers."""
+        self.stop_timers()
+        super()._stop()
 
     @staticmethod
     def _create_actor_inbox() -> Any:
@@ -106,6 +130,7 @@ class HubActor(pykka.ThreadingActor):
         if self.crash_policy == "restart":
             return reason
         self.crashed = reason
+        self.stop_timers()
         try:
             self.on_crash(message)
         except Exception:

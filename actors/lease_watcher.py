@@ -10,31 +10,29 @@ It holds no state, so a crash is logged and the next message handled as usual ("
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-import gevent
+import pykka
 
+from actors.dispatch import handles
 from actors.envelopes import ExpireLeases
 from actors.hub_actor import HubActor
-from actors.timers import every
+
+if TYPE_CHECKING:
+    from actors.queue import QueueActor
 
 
 class LeaseWatcherActor(HubActor):
     crash_policy = "restart"
 
-    def __init__(self, queue: Any, interval_s: float) -> None:
+    def __init__(self, queue: pykka.ActorRef[QueueActor], interval_s: float) -> None:
         super().__init__()
         self.queue = queue
         self.interval_s = interval_s
-        self._timer: gevent.Greenlet | None = None
 
     def on_start(self) -> None:
-        self._timer = every(self.interval_s, self.actor_ref, ExpireLeases())
+        self.every(self.interval_s, ExpireLeases())
 
-    def on_stop(self) -> None:
-        if self._timer is not None:
-            self._timer.kill(block=False)
-
-    def on_receive(self, message: Any) -> None:
-        if isinstance(message, ExpireLeases):
-            self.queue.tell(message)
+    @handles(ExpireLeases)
+    def _on_expire_leases(self, message: ExpireLeases) -> None:
+        self.queue.tell(message)

@@ -4,9 +4,8 @@ Every request carries its connection's `ConnectionOutbox` as `reply_to`; whoever
 actor, the registry, a query greenlet, the connection's own reader) calls `outbox.tell(Replies(...))`.
 
 Why not simply the ConnectionActor's ref: a reply told to the actor is one more actor hop (an inbox
-put, a greenlet switch, the actor's dispatch). On figure a of the benchmark (one SUBMIT at a time)
-both hops together, reader → queue actor → connection actor, measured ~25-30 µs of a ~110 µs request;
-sending inline instead of taking the second hop measured 5-10 µs less broker CPU per request.
+put, a greenlet switch, the actor's dispatch), which sending inline saves (see
+docs/performance.md#replies-sent-inline).
 
 So when the connection has nothing queued ahead of the reply (its actor's inbox is empty and the
 actor is not inside a send that had to wait), `tell` does the actor's bookkeeping and a NON-BLOCKING
@@ -25,7 +24,8 @@ import logging
 import socket
 import ssl
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import gevent.event
 from gevent import monkey
@@ -37,6 +37,15 @@ from transport.frames import encode_frames
 from transport.messages import Error
 
 log = logging.getLogger("tqbroker.connection")
+
+
+def _send_without_waiting(sock: socket.socket, data: bytes) -> int:
+    """The bytes the kernel took at once; raises BlockingIOError rather than wait when it takes none.
+
+    `sock` is a gevent socket, whose `send` takes a third argument, a timeout (0: never wait).
+    """
+    gevent_send = cast("Callable[[bytes, int, float], int]", sock.send)
+    return gevent_send(data, 0, 0.0)
 
 MAX_IN_FLIGHT = 20_000  # requests routed but not yet answered; the reader pauses above this
 
@@ -112,7 +121,7 @@ class ConnectionOutbox:
         state.in_flight -= len(message.messages)
         if state.waiting_claims:
             for reply in message.messages:
-                state.waiting_claims.discard(reply.id)  # type: ignore[attr-defined]
+                state.waiting_claims.discard(reply.id)
         errors = [m.code for m in message.messages if isinstance(m, Error)]
         if errors:
             self.metrics.count_errors(errors)
@@ -135,7 +144,7 @@ class ConnectionOutbox:
     def _send_now(self, data: bytes) -> None:
         """One non-blocking send; what the kernel did not take goes to the actor, and so must all after it."""
         try:
-            sent = self.sock.send(data, 0, 0.0)  # gevent: timeout 0 raises instead of waiting
+            sent = _send_without_waiting(self.sock, data)
         except BlockingIOError:
             sent = 0
         if sent < len(data):
@@ -164,7 +173,7 @@ class ConnectionOutbox:
                 and self._inbox.empty()):
             self.metrics.count_errors([error.code])
             try:
-                self.sock.send(encode_frames([error]), 0, 0.0)
+                _send_without_waiting(self.sock, encode_frames([error]))
             except OSError:  # includes BlockingIOError: the peer is not reading
                 pass
         self.shutdown()

@@ -2,7 +2,7 @@
 
 It receives the queue-bound requests of one `recv()` as one message, applies each change through the
 state machine (`task_states`), writes the WAL records of the whole message with one `append`, and only
-then tells the replies back (PROTOCOL.md "Durability"). A CLAIM that finds nothing waits as a stored
+then tells the replies back (docs/protocol.md "Task states": durability). A CLAIM that finds nothing waits as a stored
 reply address until a task arrives or its `wait_ms` runs out (`actors.waiters`). How answers are
 worded and told back is in `actors.answers`.
 
@@ -23,40 +23,45 @@ import gevent
 from actors import queue_admin
 from actors import task_states as states
 from actors.answers import (
-    Outbox,
+    PendingReplies,
     finished_answer,
     not_durable,
     queue_gauges,
     refuse,
-    send_outbox,
+    send_replies,
     stats_info,
     task_info,
     with_running,
     writable_error,  # also imported from here by actors.system
 )
 from actors.browse import BrowsableIndex
-from actors.compactor import CopySlice, PrepareSnapshot, SnapshotData, SnapshotSlice, SnapshotTaken
 from actors.crash_replies import crash_replies, refusals_after_crash
+from actors.dispatch import handles
 from actors.envelopes import (
     ConnectionClosed,
+    CopySlice,
     ExpireLeases,
     FillStats,
     FillWorkers,
     ForgetClaimer,
+    HistoryWritten,
+    PrepareSnapshot,
     QueueRequests,
     ReclaimWorker,
     RenewLeases,
     Shutdown,
+    SnapshotData,
+    SnapshotSlice,
+    SnapshotTaken,
     Tick,
     WorkerSeen,
 )
-from actors.history_link import HistoryLink, HistoryWritten
+from actors.history_link import HistoryLink
 from actors.hub_actor import ActorCrashed, HubActor, injected_crash
 from actors.metrics import BrokerMetrics
 from actors.queue_ops import QueueOps
 from actors.recent import RecentTasks
 from actors.snapshot_image import SnapshotImage
-from actors.timers import every
 from actors.waiters import ClaimWaiters
 from config.settings import Settings
 from storage.history_ids import ID_CLOCK_SLACK_S, id_time
@@ -95,7 +100,8 @@ from transport.messages_ops import READ_REQUESTS
 
 log = logging.getLogger("tqbroker.queue")
 
-_READS = (Status, *READ_REQUESTS)  # answered even while changes are refused (shutting down, disk full)
+# Answered even while changes are refused (shutting down, disk full).
+_READS: tuple[type[Message], ...] = (Status, *READ_REQUESTS)
 MAX_WAIT_MS = 60_000
 WAL_HEADROOM_BYTES = 64 * 1024  # writes are refused when the WAL's disk has less than this free
 TICK_INTERVAL_S = 0.01  # scheduled tasks become claimable, expired leases pending, within this of their time
@@ -142,11 +148,11 @@ class QueueActor(HubActor):
         p = settings.persistence
         self.recent = RecentTasks(p.recent_results_bytes)
         self.ops = QueueOps(p.dead_set_max, p.dead_set_retention_days * 86400, ops_state, time.time())
-        self.waiters = ClaimWaiters(self._claimable, self._claim, self._reply)
+        self.waiters = ClaimWaiters(self._claimable, self._claim, self._queue_reply)
         self.shutting_down = False
         self.writes_stopped: str | None = None  # why: a WAL append failed with changes that cannot be undone
         self._records: list[WalRecord] = []
-        self._outbox: Outbox = {}
+        self._pending_replies: PendingReplies = {}
         self._submitted: dict[str, int] = {}  # per queue, counted into the metric once per tick
         self.image = SnapshotImage()  # the snapshot being copied (actors.snapshot_image)
         if recovered is not None:
@@ -154,10 +160,7 @@ class QueueActor(HubActor):
 
     def on_start(self) -> None:
         self.history.notify = self.actor_ref.tell
-        self._ticker = every(TICK_INTERVAL_S, self.actor_ref, Tick())
-
-    def on_stop(self) -> None:
-        self._ticker.kill(block=False)
+        self.every(TICK_INTERVAL_S, Tick())
 
     def _load(self, tasks: dict[str, Task], counters: Counters) -> None:
         """Rebuilds the indexes from recovered tasks; pending order is kept by ready_seq."""
@@ -184,24 +187,28 @@ class QueueActor(HubActor):
     # ------------------------------------------------------------ dispatch
 
     def on_receive(self, message: Any) -> Any:
-        handler = self._handlers.get(type(message))
-        if handler is None:
-            log.warning("queue actor ignored an unexpected message %s", type(message).__name__)
-            return None
-        result = handler(self, message)
+        """Dispatches `message` (actors.dispatch, inlined: the hot path), then writes its WAL records and
+        releases its replies."""
+        handler = self.handlers.get(type(message))
+        result = None
+        if handler is not None:
+            result = handler(self, message)
+        else:
+            self.unexpected(message)
         self._commit()
         return result
 
+    @handles(QueueRequests)
     def _on_requests(self, batch: QueueRequests) -> None:
         now = time.time()
         refusal = self._refusal(self._wal_estimate(batch.requests))
         for request in batch.requests:
             if refusal is not None and not isinstance(request, _READS):
-                self._reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
+                self._queue_reply(batch.reply_to, Error(id=request.id, code=refusal[0], message=refusal[1]))
                 continue
             reply = self._request_handlers[type(request)](self, request, batch.reply_to, now)
             if reply is not None:
-                self._reply(batch.reply_to, reply)
+                self._queue_reply(batch.reply_to, reply)
 
     def _refusal(self, wal_bytes: int) -> tuple[str, str] | None:
         """Why changes are refused right now (shutting down, writes stopped, or the WAL cannot take
@@ -372,10 +379,11 @@ class QueueActor(HubActor):
         """
         finished = self.recent.get(task_id)
         if finished is not None:
-            self._reply(reply_to, finished_answer(request_id, finished, code, message))
+            self._queue_reply(reply_to, finished_answer(request_id, finished, code, message))
             return
         if not self._may_exist(task_id):
-            self._reply(reply_to, Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}"))
+            self._queue_reply(reply_to, Error(id=request_id, code=ErrorCode.NOT_FOUND,
+                                              message=f"no task with id {task_id}"))
             return
 
         def answer(task: Task | None, failure: str | None) -> Message:
@@ -387,7 +395,7 @@ class QueueActor(HubActor):
                 return Error(id=request_id, code=ErrorCode.NOT_FOUND, message=f"no task with id {task_id}")
             return finished_answer(request_id, task, code, message)
 
-        self.history.lookup(task_id, lambda task, failure: send_outbox({"": (reply_to, [answer(task, failure)])}))
+        self.history.lookup(task_id, lambda task, failure: send_replies({"": (reply_to, [answer(task, failure)])}))
 
     def _may_exist(self, task_id: str) -> bool:
         """False only for an id no task of this broker can have: not of its format (states.TaskIds), its
@@ -399,6 +407,7 @@ class QueueActor(HubActor):
 
     # ------------------------------------------------------------ leases and workers
 
+    @handles(RenewLeases)
     def _on_renew(self, msg: RenewLeases) -> None:
         now = time.time()
         renewed_ids, expiries = [], []
@@ -411,8 +420,9 @@ class QueueActor(HubActor):
                 expiries.append(task.lease_expires_at)
         if renewed_ids:
             self._records.append(LeasesRenewed(task_ids=renewed_ids, lease_expires_at=expiries))
-        self._reply(msg.reply_to, Ok(id=msg.request_id))
+        self._queue_reply(msg.reply_to, Ok(id=msg.request_id))
 
+    @handles(ExpireLeases)
     def _on_expire_leases(self, _msg: ExpireLeases) -> None:
         self._expire_leases(time.time())
 
@@ -427,6 +437,7 @@ class QueueActor(HubActor):
         self.ready_seq += 1
         self._change(task, states.run_lost(task, reason, now, self.ready_seq))
 
+    @handles(ReclaimWorker)
     def _on_reclaim(self, msg: ReclaimWorker) -> None:
         now = time.time()
         held = sorted((self.index.tasks[t] for t in self.index.by_worker.get(msg.worker_id, ())),
@@ -439,10 +450,11 @@ class QueueActor(HubActor):
                 self._lose_run(task, f"worker {msg.worker_id} stopped heartbeating", now)
         self.known_workers.discard(msg.worker_id)
         if msg.reply_to is not None:
-            self._reply(msg.reply_to, Ok(id=msg.request_id))
+            self._queue_reply(msg.reply_to, Ok(id=msg.request_id))
 
     # ------------------------------------------------------------ timers, stats, shutdown
 
+    @handles(Tick)
     def _on_tick(self, _msg: Tick) -> None:
         now = time.time()
         self._publish_submitted()
@@ -461,10 +473,9 @@ class QueueActor(HubActor):
     def _publish_submitted(self) -> None:
         """Adds the SUBMITs accepted since the last tick to `tq_tasks_submitted_total`.
 
-        Once per tick, not per message: a prometheus-client `inc` takes a lock (a gevent lock under
-        monkey patching); per message it measured 3-6 µs of broker CPU per SUBMIT on figure a of the
-        benchmark (one at a time, ~90 µs each). So the metric lags the replies by up to one tick
-        (TICK_INTERVAL_S, 10 ms)."""
+        Once per tick, not per message (a prometheus-client `inc` takes a lock; see
+        docs/performance.md#the-submitted-tasks-metric), so the metric lags the replies by up to one tick
+        (TICK_INTERVAL_S)."""
         if self._submitted:
             for queue, count in self._submitted.items():
                 self.metrics.count_submitted(queue, count)
@@ -477,16 +488,19 @@ class QueueActor(HubActor):
                                       per_queue, self.history.backlog)
         self.metrics.pending_payload_bytes.set(self.payload_bytes)
 
+    @handles(FillStats)
     def _on_fill_stats(self, msg: FillStats) -> None:
         paused = sorted(q for q, setting in self.ops.settings.items() if setting.paused)
         stats = stats_info(self.index, self.counters, msg.workers_alive, msg.connections, time.time() - self.started,
                            paused)
-        self._reply(msg.reply_to, StatsReply(id=msg.request_id, stats=stats))
+        self._queue_reply(msg.reply_to, StatsReply(id=msg.request_id, stats=stats))
 
+    @handles(FillWorkers)
     def _on_fill_workers(self, msg: FillWorkers) -> None:
         workers = with_running(msg.workers, self.index.by_worker)
-        self._reply(msg.reply_to, WorkerList(id=msg.request_id, workers=workers))
+        self._queue_reply(msg.reply_to, WorkerList(id=msg.request_id, workers=workers))
 
+    @handles(PrepareSnapshot)
     def _on_prepare_snapshot(self, _msg: PrepareSnapshot) -> SnapshotData:
         """Rotates the WAL and starts an image of the tasks live at that point, fetched with CopySlice
         (the contract that makes the fuzzy copies exact after replay: actors.snapshot_image)."""
@@ -498,10 +512,12 @@ class QueueActor(HubActor):
         return SnapshotData(counters=counters, wal_segment=segment, finished_batch=batch_id, finished=finished,
                             task_count=count)
 
+    @handles(CopySlice)
     def _on_copy_slice(self, msg: CopySlice) -> SnapshotSlice:
         """The next slice of the image; none once writes stopped (memory may hold changes the WAL lacks)."""
         return SnapshotSlice(tasks=[] if self.writes_stopped else self.image.copy_slice(msg.start))
 
+    @handles(SnapshotTaken)
     def _on_snapshot_taken(self, msg: SnapshotTaken) -> None:
         self.image.clear()
         if msg.finished_batch:
@@ -509,6 +525,7 @@ class QueueActor(HubActor):
         if msg.error is None and self.wal is not None:
             self.wal.delete_segments_before(msg.wal_segment)
 
+    @handles(ConnectionClosed)
     def _on_connection_closed(self, msg: ConnectionClosed) -> None:
         """Withdraws the connection's waiting claims; worker ids first seen on it that hold no task go to
         the registry to be forgotten (it keeps those that registered or heartbeated)."""
@@ -520,9 +537,11 @@ class QueueActor(HubActor):
                 if self.registry is not None:
                     self.registry.tell(ForgetClaimer(worker_id=worker_id))
 
+    @handles(HistoryWritten)
     def _on_history_written(self, msg: HistoryWritten) -> None:
         self.history.written(msg)
 
+    @handles(Shutdown)
     def _on_shutdown(self, _msg: Shutdown) -> None:
         self.shutting_down = True
         self._publish_submitted()
@@ -560,49 +579,50 @@ class QueueActor(HubActor):
         now = time.time()
         return any(self.ops.claimable(self.index, q, now) for q in queues)
 
-    def _reply(self, reply_to: Any, message: Message) -> None:
+    def _queue_reply(self, reply_to: Any, message: Message) -> None:
+        """Holds `message` for `reply_to` until `_commit`: it leaves once this message's WAL records are
+        durable, in the order queued."""
         key = reply_to.actor_urn
-        entry = self._outbox.get(key)
+        entry = self._pending_replies.get(key)
         if entry is None:
-            self._outbox[key] = (reply_to, [message])
+            self._pending_replies[key] = (reply_to, [message])
         else:
             entry[1].append(message)
 
     def _commit(self) -> None:
         """Writes this message's WAL records, then releases its replies once they are durable."""
-        outbox, self._outbox = self._outbox, {}
+        replies, self._pending_replies = self._pending_replies, {}
         records, self._records = self._records, []
         if records and self.wal is not None and self.writes_stopped is not None:
             records = []  # memory may hold changes the WAL lacks: write nothing more until the restart
-            outbox = {k: (ref, [refuse(m, _Stopped(self.writes_stopped)) for m in msgs])
-                      for k, (ref, msgs) in outbox.items()}
+            replies = {k: (ref, [refuse(m, _Stopped(self.writes_stopped)) for m in msgs])
+                      for k, (ref, msgs) in replies.items()}
         if records and self.wal is not None:
             try:
                 self.wal.append(records)
             except Exception as exc:  # WalError: refuse the acknowledgements, keep answering reads
                 log.error("WAL append failed: %s", getattr(exc, "message", exc))
                 self._undo_or_stop(records)
-                outbox = {k: (ref, [refuse(m, exc) for m in msgs]) for k, (ref, msgs) in outbox.items()}
-                send_outbox(outbox)
+                replies = {k: (ref, [refuse(m, exc) for m in msgs]) for k, (ref, msgs) in replies.items()}
+                send_replies(replies)
                 return
-            self.wal.after_durable(lambda: send_outbox(outbox), lambda exc: send_outbox(not_durable(outbox, exc)))
+            self.wal.after_durable(lambda: send_replies(replies), lambda exc: send_replies(not_durable(replies, exc)))
             return
-        send_outbox(outbox)
+        send_replies(replies)
 
     # ------------------------------------------------------------ after a crash (see the module docstring)
 
     def on_crash(self, message: Any) -> None:
         """Never sends the crashing message's replies nor writes its records (`actors.crash_replies`)."""
-        self._ticker.kill(block=False)
         self._records.clear()
-        unsent, self._outbox = self._outbox, {}
-        send_outbox(crash_replies(message, unsent, self.waiters, self.crashed or ""))
+        unsent, self._pending_replies = self._pending_replies, {}
+        send_replies(crash_replies(message, unsent, self.waiters, self.crashed or ""))
 
     def after_crash(self, message: Any) -> Any:
         """Requests get SHUTTING_DOWN, timers and notices nothing, asks (a snapshot) ActorCrashed."""
         refusals = refusals_after_crash(message)
         if refusals is not None:
-            send_outbox(refusals)
+            send_replies(refusals)
         elif isinstance(message, PrepareSnapshot | CopySlice):
             raise ActorCrashed(f"no snapshot of a crashed queue actor: {self.crashed}")
         elif not isinstance(message, _IGNORED_AFTER_CRASH):
@@ -613,8 +633,9 @@ class QueueActor(HubActor):
         """After a failed append, memory must not keep what the WAL lacks. New tasks alone (the usual
         SUBMIT) are taken back out; any other change stops all writes until a restart, which recovers
         exactly the acknowledged state from the WAL."""
-        if all(isinstance(r, TaskSubmitted) for r in records):
-            for record in reversed(records):
+        submitted = [r for r in records if isinstance(r, TaskSubmitted)]
+        if len(submitted) == len(records):
+            for record in reversed(submitted):
                 task = self.index.tasks.pop(record.task.task_id)
                 self.index.leave(task)
                 task.state = TaskState.CANCELLED  # its heap entries are stale from now on
@@ -631,12 +652,6 @@ class QueueActor(HubActor):
     _request_handlers: dict[type, Any] = {
         Submit: _on_submit, SubmitBatch: _on_submit_batch, Claim: _on_claim, Result: _on_result,
         Status: _on_status, Cancel: _on_cancel, **queue_admin.HANDLERS,
-    }
-    _handlers: dict[type, Any] = {
-        QueueRequests: _on_requests, RenewLeases: _on_renew, ExpireLeases: _on_expire_leases,
-        ReclaimWorker: _on_reclaim, Tick: _on_tick, FillStats: _on_fill_stats, FillWorkers: _on_fill_workers,
-        Shutdown: _on_shutdown, HistoryWritten: _on_history_written, ConnectionClosed: _on_connection_closed,
-        PrepareSnapshot: _on_prepare_snapshot, CopySlice: _on_copy_slice, SnapshotTaken: _on_snapshot_taken,
     }
 
 

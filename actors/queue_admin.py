@@ -15,7 +15,7 @@ from actors import task_states as states
 from actors.answers import task_info
 from actors.browse import live_page
 from storage.model import DeadRemoved, QueueSettingsSet, Task, TasksRequeued, TaskState, apply_record
-from transport.messages import Error, ErrorCode, Message, Ok
+from transport.messages import Error, ErrorCode, Message, Ok, TaskInfo
 from transport.messages_ops import (
     Browse,
     Count,
@@ -143,7 +143,8 @@ def on_delete_dead(a: Actor, req: DeleteDead, reply_to: Any, now: float) -> Mess
 
 def on_dead_list(a: Actor, req: DeadList, reply_to: Any, now: float) -> Message:
     """A page of the dead set (at most `dead_set_max` entries, so a scan is bounded)."""
-    tasks, page, after = a.index.tasks, [], req.after
+    tasks, after = a.index.tasks, req.after
+    page: list[TaskInfo] = []
     order = reversed(a.ops.dead.items()) if req.newest_first else iter(a.ops.dead.items())
     last_seq = None
     for task_id, seq in order:

@@ -65,7 +65,7 @@ class QueueOps:
         current = self.settings.get(queue) or QueueSettings()
         new_paused = current.paused if paused is None else paused
         new_rate = current.rate_limit if rate_limit is False else rate_limit
-        return QueueSettingsSet(queue=queue, paused=new_paused, rate_limit=new_rate)  # type: ignore[arg-type]
+        return QueueSettingsSet(queue=queue, paused=new_paused, rate_limit=new_rate)
 
     def settings_applied(self, queue: str, now: float) -> None:
         """Keeps the token bucket of `queue` in step with its (new) rate limit."""

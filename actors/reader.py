@@ -53,12 +53,9 @@ def return_large_buffers_to_the_os() -> bool:
 class Receiver:
     """Reads one connection: waits until its socket is readable, then one `recv`.
 
-    gevent's `recv` tries first and waits only on EAGAIN. A client that sends one request and waits
-    for the reply (figure a of the benchmark) has sent nothing more right after its request was
-    routed, so that try was a failed syscall and a raised exception per request: waiting first
-    measured 7-10 µs/request less there, and no change pipelined (figure b), where a read that filled
-    the buffer is followed by an immediate `recv` anyway. Not for TLS: decrypted bytes may wait in
-    the SSL object while the socket itself has nothing to read.
+    gevent's `recv` tries first and waits only on EAGAIN, which for a client that waits for each reply
+    is a failed syscall per request (see docs/performance.md#reading-a-connection). Not for TLS:
+    decrypted bytes may wait in the SSL object while the socket itself has nothing to read.
 
     A read that fills the buffer is followed by another without waiting, and gevent's `recv` does not
     yield while data is there: a peer streaming a big frame would keep the hub from every other
@@ -154,7 +151,7 @@ def _refuse_frame(session: Session, exc: FrameError) -> None:
     """A framing violation: answer the frames before it, then the error, then close."""
     if exc.code == ErrorCode.UNAUTHORIZED:
         session.auth_failed()
-    session.route(exc.frames)  # type: ignore[attr-defined]
+    session.route(exc.frames)
     session.refuse(Error(id=0, code=exc.code, message=exc.message))
 
 

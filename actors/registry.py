@@ -21,11 +21,11 @@ import time
 import uuid
 from typing import Any
 
-import gevent
-
 from actors.crash_replies import STOPPING
+from actors.dispatch import handles
 from actors.envelopes import (
     CheckWorkers,
+    DeadlineTick,
     FillStats,
     FillWorkers,
     ForgetClaimer,
@@ -33,11 +33,11 @@ from actors.envelopes import (
     RegistryRequest,
     RenewLeases,
     Replies,
+    UseQueue,
     WorkerSeen,
 )
 from actors.hub_actor import HubActor, injected_crash
 from actors.metrics import BrokerMetrics
-from actors.timers import every
 from transport.messages import (
     Deregister,
     Error,
@@ -88,17 +88,6 @@ class WorkerRecord:
         )
 
 
-class UseQueue:
-    """Wiring: the queue actor starts after the registry, which learns its ref from this message."""
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-
-
-class DeadlineTick:
-    """From the registry's own short timer: declare dead the workers whose deadline has passed."""
-
-
 class WorkerRegistryActor(HubActor):
     crash_policy = "essential"
 
@@ -111,41 +100,40 @@ class WorkerRegistryActor(HubActor):
         self.workers: dict[str, WorkerRecord] = {}
         self.queue: Any = None
         self._deadlines: list[tuple[float, str]] = []  # (when silence makes it dead, worker id); lazy deletion
-        self._timers: list[gevent.Greenlet] = []
 
     def on_start(self) -> None:
-        self._timers = [every(self.check_interval_s, self.actor_ref, CheckWorkers()),
-                        every(DEADLINE_TICK_S, self.actor_ref, DeadlineTick())]
+        self.every(self.check_interval_s, CheckWorkers())
+        self.every(DEADLINE_TICK_S, DeadlineTick())
 
-    def on_stop(self) -> None:
-        for timer in self._timers:
-            timer.kill(block=False)
+    @handles(WorkerSeen)
+    def _on_worker_seen(self, message: WorkerSeen) -> None:
+        self._seen(message.worker_id, time.time(), message.recovered)
 
-    def on_receive(self, message: Any) -> None:
-        if isinstance(message, RegistryRequest):
-            self._on_request(message)
-        elif isinstance(message, WorkerSeen):
-            self._seen(message.worker_id, time.time(), message.recovered)
-        elif isinstance(message, ForgetClaimer):
-            self._forget_claimer(message.worker_id)
-        elif isinstance(message, DeadlineTick):
-            self._check_due(time.time())
-        elif isinstance(message, CheckWorkers):
-            self._check(time.time())
-        elif isinstance(message, UseQueue):
-            self.queue = message.queue
+    @handles(ForgetClaimer)
+    def _on_forget_claimer(self, message: ForgetClaimer) -> None:
+        self._forget_claimer(message.worker_id)
+
+    @handles(DeadlineTick)
+    def _on_deadline_tick(self, _message: DeadlineTick) -> None:
+        self._check_due(time.time())
+
+    @handles(CheckWorkers)
+    def _on_check_workers(self, _message: CheckWorkers) -> None:
+        self._check(time.time())
+
+    @handles(UseQueue)
+    def _on_use_queue(self, message: UseQueue) -> None:
+        self.queue = message.queue
 
     def on_crash(self, message: Any) -> None:
-        for timer in self._timers:
-            timer.kill(block=False)
         if isinstance(message, RegistryRequest):
-            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.INTERNAL,  # type: ignore[attr-defined]
+            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.INTERNAL,
                                           message=f"internal error, the request was not applied ({self.crashed}); "
                                                   "retry once the broker has restarted"))
 
     def after_crash(self, message: Any) -> None:
         if isinstance(message, RegistryRequest):
-            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.SHUTTING_DOWN,  # type: ignore[attr-defined]
+            _tell(message.reply_to, Error(id=message.request.id, code=ErrorCode.SHUTTING_DOWN,
                                           message=STOPPING))
         elif not isinstance(message, (WorkerSeen, CheckWorkers, DeadlineTick, UseQueue, ForgetClaimer)):
             super().after_crash(message)
@@ -208,6 +196,7 @@ class WorkerRegistryActor(HubActor):
             del self.workers[worker_id]
             log.info("worker forgotten: it only claimed, and its connection closed", extra={"worker_id": worker_id})
 
+    @handles(RegistryRequest)
     def _on_request(self, msg: RegistryRequest) -> None:
         req, reply_to, now = msg.request, msg.reply_to, time.time()
         if isinstance(req, Heartbeat):

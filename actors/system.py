@@ -20,9 +20,9 @@ from typing import Any
 import pykka
 from gevent.pywsgi import WSGIServer
 
-from actors.compactor import CompactorActor, TakeSnapshot
+from actors.compactor import CompactorActor
 from actors.context import ApiKeys, BrokerContext
-from actors.envelopes import Shutdown
+from actors.envelopes import Shutdown, TakeSnapshot, UseQueue
 from actors.history_link import HistoryLink
 from actors.http_guard import http_guard, remote_policy
 from actors.hub_actor import set_crash_listener
@@ -30,7 +30,7 @@ from actors.lease_watcher import LeaseWatcherActor
 from actors.metrics import BrokerMetrics, health_app
 from actors.queue import WAL_HEADROOM_BYTES, QueueActor, writable_error
 from actors.reader import return_large_buffers_to_the_os, serve_connection
-from actors.registry import UseQueue, WorkerRegistryActor
+from actors.registry import WorkerRegistryActor
 from config.settings import Settings
 from storage.db_process import DatabaseProcess, HistoryClient
 from storage.recovery import recover

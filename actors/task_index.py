@@ -4,9 +4,9 @@ Pure data structures, no actor and no I/O, so the claim order can be tested on i
 lazy deletion: an entry is skipped when its task no longer matches it (cancelled, re-queued with a new
 `ready_seq`, lease renewed), which keeps every state change O(log n) without searching a heap.
 A stale entry still holds its task (payload and result included) until it reaches the top, which for
-a lease is when it would have expired: at 35,000 tasks/s with 30 s leases that kept a million finished
-tasks in memory. So a heap that grows past twice its live entries (plus STALE_SLACK) is rebuilt from
-the live ones: O(n) once per n pushes, O(1) amortised.
+a lease is when it would have expired (see docs/performance.md#stale-heap-entries). So a heap that grows
+past twice its live entries (plus STALE_SLACK) is rebuilt from the live ones: O(n) once per n pushes,
+O(1) amortised.
 """
 
 from __future__ import annotations

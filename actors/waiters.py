@@ -44,7 +44,7 @@ class ClaimWaiters:
     def __init__(self, has_pending: Callable[[Iterable[str]], bool], claim: ClaimFor, reply: Reply) -> None:
         self._has_pending = has_pending
         self._claim = claim
-        self._reply = reply
+        self._queue_reply = reply
         self.lines: dict[str, deque[Waiter]] = {}
         self.waiting: list[Waiter] = []
 
@@ -64,7 +64,7 @@ class ClaimWaiters:
                 continue
             waiter.done = True
             tasks = self._claim(waiter.worker_id, waiter.queues, waiter.max_tasks, now)
-            self._reply(waiter.reply_to, Assigned(id=waiter.request_id, tasks=tasks))
+            self._queue_reply(waiter.reply_to, Assigned(id=waiter.request_id, tasks=tasks))
         if line is not None and not line:
             del self.lines[queue]
 
@@ -78,7 +78,7 @@ class ClaimWaiters:
                 continue
             if everyone or waiter.deadline <= now:
                 waiter.done = True
-                self._reply(waiter.reply_to, Assigned(id=waiter.request_id, tasks=[]))
+                self._queue_reply(waiter.reply_to, Assigned(id=waiter.request_id, tasks=[]))
             else:
                 keep.append(waiter)
         self.waiting = keep

@@ -278,8 +278,8 @@ def _validation_error(exc: msgspec.ValidationError, sources: Mapping[str, str]) 
     message = str(exc)
     unknown = _UNKNOWN_FIELD.match(message)
     if unknown:
-        dotted = ".".join(part for part in (unknown.group(2), unknown.group(1)) if part)
-        return ConfigError(f"unknown config key {dotted}", key=dotted)
+        unknown_key = ".".join(part for part in (unknown.group(2), unknown.group(1)) if part)
+        return ConfigError(f"unknown config key {unknown_key}", key=unknown_key)
     at = _AT_PATH.search(message)
     dotted = ".".join(part for part in at.groups() if part) if at else None
     origin = sources.get(dotted or "") or sources.get(dotted.split(".")[0] if dotted else "")

@@ -15,8 +15,9 @@ It starts its own broker (`python -m actors`) on a free port and a temp data dir
 After the last kill it restarts once more and checks everything, then stops the broker with SIGTERM
 (a final snapshot), starts it again and checks everything once more. Prints recovery time per restart
 and totals; exits 1 on any lost or damaged acknowledged change, or a recovery slower than
-`--max-recovery` seconds (PROTOCOL.md "Durability": a broker killed at any moment and restarted loses no
-acknowledged change; running tasks come back running with their leases, and their worker may finish them).
+`--max-recovery` seconds (docs/protocol.md "Task states", durability: a broker killed at any moment and
+restarted loses no acknowledged change; running tasks come back running with their leases, and their
+worker may finish them).
 
 `Ledger` and `verify` (loadtest/crash_ledger.py) and `LoadRound` (loadtest/crash_load.py) are also used by
 tests/test_durability.py, which imports them from here.

@@ -158,7 +158,9 @@ class Database:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StorageError(f"cannot create {self.path.parent}: {exc.strerror or exc}") from None
-        self._config = {"memory_limit": memory_limit, "threads": threads, "enable_external_access": False}
+        self._config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": memory_limit, "threads": threads, "enable_external_access": False,
+        }
         try:
             self._conn = duckdb.connect(str(path), read_only=read_only, config=self._config)
         except duckdb.Error as exc:

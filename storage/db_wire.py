@@ -36,7 +36,7 @@ ERROR_KINDS: dict[str, type[StorageError]] = {
     "refused": QueryRefused,
     "corrupt": StorageCorrupt,
 }
-_KIND_OF = {cls: kind for kind, cls in ERROR_KINDS.items()}
+_KIND_OF: dict[type[BaseException], str] = {cls: kind for kind, cls in ERROR_KINDS.items()}
 
 _encoder = msgspec.msgpack.Encoder()
 

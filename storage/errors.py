@@ -1,7 +1,7 @@
 """What storage callers handle, without importing DuckDB: the errors and the shape of a query result.
 
 The broker process talks to DuckDB only through its database process (storage.db_process), so it
-must not pay for importing duckdb (~26 MB of RSS) just to name these.
+must not pay for importing duckdb (see docs/performance.md#importing-duckdb) just to name these.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from msgspec import Struct, structs
 
 
 class TaskState:
-    """The states of PROTOCOL.md; terminal ones leave memory for `task_history`."""
+    """The states of docs/protocol.md "Task states"; terminal ones leave memory for `task_history`."""
 
     SCHEDULED = "scheduled"
     PENDING = "pending"

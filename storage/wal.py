@@ -282,9 +282,10 @@ class WriteAheadLog:
 
     def free_bytes(self) -> int:
         """Bytes the WAL's filesystem still takes: lets the broker refuse a change up front rather than
-        apply it in memory and then fail to log it. Asked before every change, so one statvfs (~1.5 µs)
-        serves FREE_CACHE_S, minus what the WAL wrote since; but not near full (FREE_CACHE_FLOOR), where
-        other writers could take the rest within that time."""
+        apply it in memory and then fail to log it. Asked before every change, so one statvfs
+        (docs/performance.md#free-space-on-the-wals-disk) serves FREE_CACHE_S, minus what the WAL wrote
+        since; but not near full (FREE_CACHE_FLOOR), where other writers could take the rest within that
+        time."""
         now = time.monotonic()
         if now - self._free_at < FREE_CACHE_S:
             free = self._free - (self._appended - self._free_appended)

@@ -1,11 +1,11 @@
 """Durability, recovery and storage faults, against a real broker subprocess (tests/conftest.py).
 
-Written from PROTOCOL.md "Durability" (an acknowledged SUBMIT, RESULT or CANCEL is in the WAL before its
-reply; a broker killed at any moment and restarted loses none; running tasks come back running with their
-leases), DESIGN.md "Storage" (WAL segments with a CRC per record, torn tail cut on recovery; snapshot +
-deletion of older segments; history retention) and the issue's faults: disk full (ERROR INTERNAL
-"disk full: ...", reads go on, writes resume when space returns), a locked or unwritable data dir (exit 1
-with one line naming the path). The 20-kill version of the first test is `python -m loadtest.crash_harness`.
+Written from docs/protocol.md "Task states", durability (an acknowledged SUBMIT, RESULT or CANCEL is in the
+WAL before its reply; a broker killed at any moment and restarted loses none; running tasks come back running
+with their leases), the README's "Durability" (WAL segments with a CRC per record, torn tail cut on recovery;
+snapshot + deletion of older segments; history retention) and the issue's faults: disk full (ERROR INTERNAL
+"disk full: ...", reads go on, writes resume when space returns), a locked or unwritable data dir (exit 1 with
+one line naming the path). The 20-kill version of the first test is `python -m loadtest.crash_harness`.
 """
 
 from __future__ import annotations

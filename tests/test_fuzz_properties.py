@@ -1,6 +1,6 @@
 """Property tests of the frame decoder and of every request's validation (hypothesis, in-process).
 
-The contract under test (PROTOCOL.md "Frames"): whatever bytes arrive, the broker's decoding either
+The contract under test (docs/protocol.md "Frames"): whatever bytes arrive, the broker's decoding either
 yields a typed request or a well-formed ERROR (BAD_FRAME / FRAME_TOO_LARGE for the framing, UNKNOWN_TYPE
 / BAD_REQUEST for a payload); no other exception escapes. Example counts are kept modest so the whole
 file runs in a few seconds; `loadtest/fuzz.py` covers the same ground against a live broker.

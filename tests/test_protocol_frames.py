@@ -1,6 +1,6 @@
-"""Protocol conformance, part 1: framing and error paths, over raw sockets (PROTOCOL.md "Frames").
+"""Protocol conformance, part 1: framing and error paths, over raw sockets (docs/protocol.md "Frames").
 
-Written from PROTOCOL.md alone, the way an independent client author would test a broker: every frame
+Written from docs/protocol.md alone, the way an independent client author would test a broker: every frame
 here is built by hand (`struct` + MessagePack), so nothing relies on the Python client's own encoding.
 """
 

@@ -1,4 +1,4 @@
-"""Protocol conformance, part 3: behaviour over time (PROTOCOL.md "Task states", "Frames", "Authentication").
+"""Protocol conformance, part 3: behaviour over time (docs/protocol.md "Task states", "Frames", "Authentication").
 
 Scheduled tasks, long-poll claims, leases and heartbeats, retries with backoff, dead workers,
 deregistration, auto-registration, backpressure, the connection limit, the idle timeout, authentication

@@ -1,6 +1,6 @@
 """Protocol conformance, part 2: every request type and every response field, through the Python client.
 
-Written from PROTOCOL.md ("Types", "TaskSpec", "Assignment", "TaskInfo", "Stats", "WorkerInfo", "Task
+Written from docs/protocol.md ("Types", "TaskSpec", "Assignment", "TaskInfo", "Stats", "WorkerInfo", "Task
 states"). One broker serves the whole module; every test works in queues and worker ids of its own, so
 tests never see each other's tasks.
 """

@@ -1,7 +1,7 @@
 """Ad-hoc SQL over task history: QUERY over the wire and `python -m actors sql`, broker up and down.
 
-Written from PROTOCOL.md (QUERY: one read-only statement over `task_history`; anything but a read is
-BAD_REQUEST) and DESIGN.md "Storage" (DuckDB allows one writing process, so with the broker running SQL
+Written from docs/protocol.md (QUERY: one read-only statement over `task_history`; anything but a read is
+BAD_REQUEST) and the README's "Task history and SQL" (DuckDB allows one writing process, so with the broker running SQL
 goes through it; with the broker stopped `sql` opens the file read-only itself), plus the issue's
 `api.query_timeout_secs` bound. Every test runs a real broker subprocess (tests/conftest.py).
 """

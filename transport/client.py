@@ -181,7 +181,7 @@ class Client:
         reply = slot.get()
         if type(reply) is not expect:
             raise ProtocolError(f"broker answered {cls.__name__} with {type(reply).__name__}")
-        return reply  # type: ignore[return-value]
+        return reply
 
     def send_async(self, msg: m.Message, timeout: float | None = None) -> PendingReply:
         """Send `msg` under a fresh id (its own `id` is ignored) and return the slot its reply lands in."""
@@ -229,7 +229,7 @@ class Client:
     # ------------------------------------------------------------ typed requests
 
     def submit(self, kind: str, payload: bytes = b"", *, queue: str = "default",
-               priority: int | str = "normal", run_at: float | None = None, max_retries: int | None = None,
+               priority: int | m.PriorityName = "normal", run_at: float | None = None, max_retries: int | None = None,
                lease_ms: int | None = None, unique_key: str | None = None) -> m.Submitted:
         """Submit one task; `.task_id`, and `.duplicate` when `unique_key` matched a live task."""
         task = m.TaskSpec(kind=kind, payload=payload, queue=queue, priority=priority, run_at=run_at,

@@ -1,7 +1,7 @@
 """Frame codec: `length: u32 big-endian | type: u8 | payload: MessagePack map`.
 
 `FrameReader` is incremental: feed it whatever one `recv()` returned and it hands back every complete
-frame in it, so a connection decodes all frames of one read at once (the batching DESIGN.md measured).
+frame in it, so a connection decodes all frames of one read at once (see docs/performance.md#batching).
 It never buffers more than one frame of at most `max_frame_bytes`: a larger announced length is
 reported at once, before its body is read. The first frame of a stream may have a lower limit
 (`first_frame_limit`: before authentication only a HELLO is allowed), and `partial_length` exposes the
@@ -34,12 +34,16 @@ _response_decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in RESPONSE_TYP
 
 
 class FrameError(Exception):
-    """A framing violation after which the connection must be closed (BAD_FRAME, FRAME_TOO_LARGE)."""
+    """A framing violation after which the connection must be closed (BAD_FRAME, FRAME_TOO_LARGE).
 
-    def __init__(self, code: str, message: str) -> None:
+    `frames` holds the complete frames decoded before the violation, in order: they are still answered.
+    """
+
+    def __init__(self, code: str, message: str, frames: list[tuple[int, bytes]] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.frames: list[tuple[int, bytes]] = frames if frames is not None else []
 
 
 def encode_frame(msg: Message) -> bytes:
@@ -124,9 +128,7 @@ class FrameReader:
 
     def _fail(self, frames: list[tuple[int, bytes]], pos: int, code: str, message: str) -> None:
         del self._buf[:]
-        err = FrameError(code, message)
-        err.frames = frames  # type: ignore[attr-defined]
-        raise err
+        raise FrameError(code, message, frames)
 
     @property
     def buffered(self) -> int:

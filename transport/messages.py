@@ -47,9 +47,15 @@ def priority_tier(priority: int) -> PriorityName:
 
 
 class Message(Struct, frozen=True):
-    """Base of every frame payload; `type_byte` is set by each concrete class."""
+    """Base of every frame payload; `type_byte` is set by each concrete class.
+
+    Every message carries `id`: a request's is chosen by the client, and the response to it echoes it
+    (docs/protocol.md). Subclasses redeclare it with their bounds (`U32` for requests); msgspec keeps it
+    the first field, so the wire form is unchanged.
+    """
 
     type_byte: ClassVar[int]
+    id: int
 
 
 # ---------------------------------------------------------------- nested types
@@ -327,20 +333,21 @@ Response = (
     | WorkerList | Rows | Error
 )
 
-REQUEST_TYPES: dict[int, type[Message]] = {
-    cls.type_byte: cls
-    for cls in (Hello, Submit, SubmitBatch, Claim, Result, Heartbeat, Status, Cancel, Stats, Register,
-                Deregister, Workers, Query, *OPS_REQUESTS)
-}
-RESPONSE_TYPES: dict[int, type[Message]] = {
-    cls.type_byte: cls
-    for cls in (Ok, Welcome, Submitted, SubmittedBatch, Assigned, TaskStatus, StatsReply, Registered,
-                WorkerList, Rows, Error, *OPS_RESPONSES)
-}
+_REQUEST_CLASSES: tuple[type[Message], ...] = (
+    Hello, Submit, SubmitBatch, Claim, Result, Heartbeat, Status, Cancel, Stats, Register, Deregister, Workers,
+    Query, *OPS_REQUESTS,
+)
+_RESPONSE_CLASSES: tuple[type[Message], ...] = (
+    Ok, Welcome, Submitted, SubmittedBatch, Assigned, TaskStatus, StatsReply, Registered, WorkerList, Rows, Error,
+    *OPS_RESPONSES,
+)
+REQUEST_TYPES: dict[int, type[Message]] = {cls.type_byte: cls for cls in _REQUEST_CLASSES}
+RESPONSE_TYPES: dict[int, type[Message]] = {cls.type_byte: cls for cls in _RESPONSE_CLASSES}
 
 
 class ErrorCode:
-    """The error codes of PROTOCOL.md, as constants so a typo is a NameError, not a new code."""
+    """The error codes of docs/protocol.md ("Error codes", "Version 1.1"), as constants so a typo is a
+    NameError, not a new code."""
 
     BAD_FRAME = "BAD_FRAME"
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"

@@ -113,9 +113,10 @@ class TcpServer:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:
-                sock = self._handshake(sock, address)
-                if sock is None:
+                tls_sock = self._handshake(sock, address)
+                if tls_sock is None:
                     return
+                sock = tls_sock
             self._handle(sock, address)
         finally:
             self.connections -= 1

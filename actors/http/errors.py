@@ -67,8 +67,8 @@ def on_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPEr
     resp.status = exc.status_code
     resp.content_type = falcon.MEDIA_JSON
     resp.data = error_body(code, message)
-    for name, value in (exc.headers or {}).items():
-        resp.set_header(name, value)
+    if exc.headers:
+        resp.set_headers(exc.headers)
 
 
 def on_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: Any) -> None:

@@ -2,7 +2,7 @@
 
 An HTTP request sends the SAME typed messages to the SAME owners as a TCP connection does
 (`actors.connection.Session.route`): queue requests to the queue actor, worker requests to the
-registry. The owner answers by `reply_to.tell(Replies([...]))` (`actors.answers.send_outbox`), keyed
+registry. The owner answers by `reply_to.tell(Replies([...]))` (`actors.answers.send_replies`), keyed
 by `reply_to.actor_urn`; an `HttpReply` offers exactly that and wakes the waiting HTTP greenlet. Nothing
 here blocks an actor: the HTTP greenlet waits on its own AsyncResult with a timeout.
 """

@@ -15,8 +15,9 @@ import gevent
 import psutil
 import pykka
 
+from actors.dispatch import Dispatching, handles
 from actors.worker.link import Connected, Heard, Lost, tell_quietly
-from actors.worker.roles import Settled, Started, Stop
+from actors.worker.messages import Settled, Started, Stop
 from transport.client import Client
 from transport.errors import BrokerError, ClientError, RequestTimeout
 
@@ -29,7 +30,7 @@ class _Beat:
     """Time for the next HEARTBEAT (told by the actor's own timer)."""
 
 
-class HeartbeatActor(pykka.ThreadingActor):
+class HeartbeatActor(Dispatching, pykka.ThreadingActor):
     """HEARTBEAT with CPU %, RSS and the active task ids (renewing their leases) on the control connection.
 
     The period is the broker's (WELCOME heartbeat_interval_ms, or the worker's own setting if shorter),
@@ -59,25 +60,30 @@ class HeartbeatActor(pykka.ThreadingActor):
         if self._timer is not None:
             self._timer.kill(block=False)
 
-    def on_receive(self, message: Any) -> Any:
-        if isinstance(message, _Beat):
-            self._beat()
-        elif isinstance(message, Started):
-            self.active[message.task_id] = message.lease_s
-            if time.monotonic() + self._period() < self.next_at:
-                self._schedule()
-        elif isinstance(message, Settled):
-            for task_id in message.task_ids:
-                self.active.pop(task_id, None)
-        elif isinstance(message, Connected):
-            self.generation, self.worker_id, self.connected = message.generation, message.worker_id, True
-            self.interval_s = min(self.local_interval_s, message.heartbeat_interval_s)
-            self._beat()  # at once: renews the leases of tasks that ran on while we were away
-        elif isinstance(message, Stop):
-            self.stopped = True
-        elif message == "active":
-            return sorted(self.active)
-        return None
+    @handles(_Beat)
+    def _on_beat(self, _message: _Beat) -> None:
+        self._beat()
+
+    @handles(Started)
+    def _on_started(self, message: Started) -> None:
+        self.active[message.task_id] = message.lease_s
+        if time.monotonic() + self._period() < self.next_at:
+            self._schedule()
+
+    @handles(Settled)
+    def _on_settled(self, message: Settled) -> None:
+        for task_id in message.task_ids:
+            self.active.pop(task_id, None)
+
+    @handles(Connected)
+    def _on_connected(self, message: Connected) -> None:
+        self.generation, self.worker_id, self.connected = message.generation, message.worker_id, True
+        self.interval_s = min(self.local_interval_s, message.heartbeat_interval_s)
+        self._beat()  # at once: renews the leases of tasks that ran on while we were away
+
+    @handles(Stop)
+    def _on_stop(self, _message: Stop) -> None:
+        self.stopped = True
 
     def _period(self) -> float:
         leases = [lease / 3 for lease in self.active.values() if lease]
@@ -94,9 +100,8 @@ class HeartbeatActor(pykka.ThreadingActor):
         """CPU % and RSS of the worker plus, with a process pool, its children (each Process object is
         kept, because psutil measures CPU % between two calls on the same object).
 
-        Children are looked up only with a process pool: finding them scans all of /proc, and with a
-        CPU-bound task on a thread every one of those hundreds of reads waits up to a switch interval
-        for the GIL, which delayed heartbeats by over a second (measured).
+        Children are looked up only with a process pool: finding them scans all of /proc, which beside a
+        CPU-bound task thread delays the heartbeat (see docs/performance.md#worker-heartbeat-usage-figures).
         """
         try:
             cpu, rss = self.process.cpu_percent(None), self.process.memory_info().rss

@@ -20,6 +20,7 @@ import gevent
 import pykka
 from msgspec import Struct
 
+from actors.dispatch import Dispatching, handles
 from transport.backoff import backoff_delay
 from transport.client import Client
 from transport.errors import BadRequest, BrokerError, ClientError, RequestTimeout, Unauthorized
@@ -98,7 +99,7 @@ def tell_quietly(ref: Any, message: Any) -> None:
         pass
 
 
-class LinkActor(pykka.ThreadingActor):
+class LinkActor(Dispatching, pykka.ThreadingActor):
     def __init__(self, control: Client, claims: Client, registration: Registration, max_inactivity_s: float,
                  on_fatal: Callable[[str], None]) -> None:
         super().__init__()
@@ -132,25 +133,33 @@ class LinkActor(pykka.ThreadingActor):
             gevent.sleep(period)
             tell_quietly(self.actor_ref, _CheckInactivity())
 
-    def on_receive(self, message: Any) -> Any:
-        if isinstance(message, Lost):
-            self._on_lost(message)
-        elif isinstance(message, Heard):
-            self.last_heard = time.monotonic()
-        elif isinstance(message, _Dial):
-            self._dial_timer = None
-            self._dial()
-        elif isinstance(message, _CheckInactivity):
-            self._check_inactivity()
-        elif isinstance(message, Listen):
-            self.listeners = list(message.listeners)
-            self._dial()
-        elif isinstance(message, Stopping):
-            self.stopping = True
-        elif isinstance(message, DeregisterNow):
-            return self._deregister(message.timeout_s)
-        return None
+    @handles(Heard)
+    def _on_heard(self, _message: Heard) -> None:
+        self.last_heard = time.monotonic()
 
+    @handles(_Dial)
+    def _on_dial(self, _message: _Dial) -> None:
+        self._dial_timer = None
+        self._dial()
+
+    @handles(_CheckInactivity)
+    def _on_check_inactivity(self, _message: _CheckInactivity) -> None:
+        self._check_inactivity()
+
+    @handles(Listen)
+    def _on_listen(self, message: Listen) -> None:
+        self.listeners = list(message.listeners)
+        self._dial()
+
+    @handles(Stopping)
+    def _on_stopping(self, _message: Stopping) -> None:
+        self.stopping = True
+
+    @handles(DeregisterNow)
+    def _on_deregister_now(self, message: DeregisterNow) -> bool:
+        return self._deregister(message.timeout_s)
+
+    @handles(Lost)
     def _on_lost(self, msg: Lost) -> None:
         if msg.generation != self.generation or not self.connected:
             return  # stale: this failure was already handled, or a re-dial is under way

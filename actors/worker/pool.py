@@ -70,7 +70,7 @@ def unknown_kind(task_id: str, kind: str, served: list[str]) -> Outcome:
 def execute(task_id: str, kind: str, payload: bytes) -> Outcome:
     """Run one task to an Outcome. Never raises: every failure of user code becomes a failed RESULT.
 
-    Runs in a pool thread or a child process, so it touches nothing but the task registry.
+    Runs in a pool thread or a child process, so it touches nothing but the registered task kinds (`registered_tasks`).
     """
     fn_task = registered_tasks().get(kind)
     if fn_task is None:
@@ -123,9 +123,8 @@ class ThreadBackend:
         import gevent.threadpool
 
         self.pool = gevent.threadpool.ThreadPool(maxsize=size)
-        # Every time the hub thread blocks (a socket read, a /proc read) it gives the GIL away and then
-        # waits up to one switch interval to get it back from a CPU-bound task thread. At the default 5 ms
-        # a heartbeat with four such tasks was late by up to 0.28 s (measured); at 1 ms by 0.05 s.
+        # The hub thread waits up to one switch interval for the GIL after every block, so a short one
+        # keeps heartbeats on time beside CPU-bound tasks (see docs/performance.md#worker-the-gil-switch-interval).
         sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     def run(self, task_id: str, kind: str, payload: bytes) -> Outcome:

@@ -21,7 +21,20 @@ import gevent
 import pykka
 from msgspec import Struct
 
+from actors.dispatch import Dispatching, handles
 from actors.worker.link import Connected, Lost, tell_quietly
+from actors.worker.messages import (
+    Deliver,
+    Finished,
+    Run,
+    RunningTasks,
+    Settled,
+    SlotFreed,
+    Started,
+    Stop,
+    UndeliveredCount,
+    WhenDone,
+)
 from actors.worker.pool import Backend, Outcome, unknown_kind
 from transport import messages as m
 from transport.client import Client
@@ -40,44 +53,6 @@ log = logging.getLogger("tqbroker.worker")
 RETRY_AFTER_S = 1.0
 
 
-class Run(Struct, frozen=True):
-    tasks: list[m.Assignment]
-    reply_to: Any
-
-
-class SlotFreed(Struct, frozen=True):
-    count: int = 1
-
-
-class Finished(Struct, frozen=True):
-    outcome: Outcome
-    final: bool = False  # the broker will not retry this task if it fails (its last attempt)
-    attempts: int = 0  # attempts made so far, this one included
-
-
-class Started(Struct, frozen=True):
-    task_id: str
-    lease_s: float | None
-
-
-class Settled(Struct, frozen=True):
-    task_ids: list[str]
-
-
-class Deliver(Struct, frozen=True):
-    outcome: Outcome
-
-
-class Stop(Struct, frozen=True):
-    """Stop claiming (claimer) / starting tasks (executor) / heartbeating (heartbeat)."""
-
-
-class WhenDone(Struct, frozen=True):
-    """Resolve `future` once nothing is left (executor: running tasks; reporter: undelivered results)."""
-
-    future: Any
-
-
 class _Again(Struct, frozen=True):
     pass
 
@@ -89,7 +64,7 @@ class _Flush(Struct, frozen=True):
 # ---------------------------------------------------------------- claiming
 
 
-class ClaimerActor(pykka.ThreadingActor):
+class ClaimerActor(Dispatching, pykka.ThreadingActor):
     """Long-polls CLAIM on its own connection for as many tasks as there are free slots."""
 
     def __init__(self, claims: Client, link: Any, executor: Any, queues: list[str], concurrency: int,
@@ -108,19 +83,25 @@ class ClaimerActor(pykka.ThreadingActor):
         self.stopped = False
         self._queued = False  # a _Again is in the mailbox already
 
-    def on_receive(self, message: Any) -> None:
-        if isinstance(message, _Again):
-            self._queued = False
-            self._claim()
-        elif isinstance(message, SlotFreed):
-            self.free += message.count
-            self._again()
-        elif isinstance(message, Connected):
-            self.generation, self.worker_id = message.generation, message.worker_id
-            self.max_batch, self.connected = max(1, message.max_batch_claim), True
-            self._again()
-        elif isinstance(message, Stop):
-            self.stopped = True
+    @handles(_Again)
+    def _on_again(self, _message: _Again) -> None:
+        self._queued = False
+        self._claim()
+
+    @handles(SlotFreed)
+    def _on_slot_freed(self, message: SlotFreed) -> None:
+        self.free += message.count
+        self._again()
+
+    @handles(Connected)
+    def _on_connected(self, message: Connected) -> None:
+        self.generation, self.worker_id = message.generation, message.worker_id
+        self.max_batch, self.connected = max(1, message.max_batch_claim), True
+        self._again()
+
+    @handles(Stop)
+    def _on_stop(self, _message: Stop) -> None:
+        self.stopped = True
 
     def _again(self, after_s: float = 0.0) -> None:
         if after_s:
@@ -161,7 +142,7 @@ class ClaimerActor(pykka.ThreadingActor):
 # ---------------------------------------------------------------- running
 
 
-class ExecutorActor(pykka.ThreadingActor):
+class ExecutorActor(Dispatching, pykka.ThreadingActor):
     """Starts each assigned task on the backend (one greenlet waits for each) and routes its outcome."""
 
     def __init__(self, backend: Backend, kinds: dict[str, Any], reporter: Any, heartbeat: Any) -> None:
@@ -175,21 +156,28 @@ class ExecutorActor(pykka.ThreadingActor):
         self.accepting = True
         self.waiters: list[Any] = []
 
-    def on_receive(self, message: Any) -> Any:
-        if isinstance(message, Finished):
-            self._finished(message)
-        elif isinstance(message, Run):
-            for assignment in message.tasks:
-                self._start(assignment, message.reply_to)
-        elif isinstance(message, WhenDone):
-            self.waiters.append(message.future)
-            self._maybe_done()
-        elif isinstance(message, Stop):
-            self.accepting = False
-            self._maybe_done()
-        elif message == "running":
-            return sorted(self.running)
-        return None
+    @handles(Finished)
+    def _on_finished(self, message: Finished) -> None:
+        self._finished(message)
+
+    @handles(Run)
+    def _on_run(self, message: Run) -> None:
+        for assignment in message.tasks:
+            self._start(assignment, message.reply_to)
+
+    @handles(WhenDone)
+    def _on_when_done(self, message: WhenDone) -> None:
+        self.waiters.append(message.future)
+        self._maybe_done()
+
+    @handles(Stop)
+    def _on_stop(self, _message: Stop) -> None:
+        self.accepting = False
+        self._maybe_done()
+
+    @handles(RunningTasks)
+    def _on_running_tasks(self, _message: RunningTasks) -> list[str]:
+        return sorted(self.running)
 
     def _start(self, a: m.Assignment, claimer: Any) -> None:
         extra = {"task_id": a.task_id, "queue": a.queue}
@@ -243,7 +231,7 @@ class ExecutorActor(pykka.ThreadingActor):
 # ---------------------------------------------------------------- results
 
 
-class ReporterActor(pykka.ThreadingActor):
+class ReporterActor(Dispatching, pykka.ThreadingActor):
     """Sends RESULTs, pipelined, on the control connection; keeps the undelivered ones for after a
     reconnect. NOT_LEASED (the lease moved on while we were away) and NOT_FOUND are logged and dropped."""
 
@@ -252,7 +240,7 @@ class ReporterActor(pykka.ThreadingActor):
         self.control = control
         self.link = link
         self.heartbeat = heartbeat
-        self.outbox: dict[str, Outcome] = {}
+        self.undelivered: dict[str, Outcome] = {}
         self.generation = 0
         self.worker_id = ""
         self.connected = False
@@ -260,38 +248,47 @@ class ReporterActor(pykka.ThreadingActor):
         self.flush_queued = False
         self.waiters: list[Any] = []
 
-    def on_receive(self, message: Any) -> Any:
-        if isinstance(message, Deliver):
-            self.outbox[message.outcome.task_id] = message.outcome
-            if not self.flush_queued:  # behind every Deliver already in the mailbox: one pipeline for all
-                self.flush_queued = True
-                self.actor_ref.tell(_Flush())
-        elif isinstance(message, _Flush):
-            self.flush_queued = False
-            self._flush()
-        elif isinstance(message, _Again):
-            self.retry_queued = False
-            self._flush()
-        elif isinstance(message, Connected):
-            self.generation, self.worker_id, self.connected = message.generation, message.worker_id, True
-            self._flush()
-        elif isinstance(message, WhenDone):
-            self.waiters.append(message.future)
-            self._flush()
-        elif message == "undelivered":
-            return len(self.outbox)
-        return None
+    @handles(Deliver)
+    def _on_deliver(self, message: Deliver) -> None:
+        self.undelivered[message.outcome.task_id] = message.outcome
+        if not self.flush_queued:  # behind every Deliver already in the mailbox: one pipeline for all
+            self.flush_queued = True
+            self.actor_ref.tell(_Flush())
+
+    @handles(_Flush)
+    def _on_flush(self, _message: _Flush) -> None:
+        self.flush_queued = False
+        self._flush()
+
+    @handles(_Again)
+    def _on_again(self, _message: _Again) -> None:
+        self.retry_queued = False
+        self._flush()
+
+    @handles(Connected)
+    def _on_connected(self, message: Connected) -> None:
+        self.generation, self.worker_id, self.connected = message.generation, message.worker_id, True
+        self._flush()
+
+    @handles(WhenDone)
+    def _on_when_done(self, message: WhenDone) -> None:
+        self.waiters.append(message.future)
+        self._flush()
+
+    @handles(UndeliveredCount)
+    def _on_undelivered_count(self, _message: UndeliveredCount) -> int:
+        return len(self.undelivered)
 
     def _flush(self) -> None:
-        if self.outbox and self.connected:
+        if self.undelivered and self.connected:
             self._send()
-        if not self.outbox and self.waiters:
+        if not self.undelivered and self.waiters:
             for future in self.waiters:
                 future.set(True)
             self.waiters.clear()
 
     def _send(self) -> None:
-        batch = list(self.outbox.values())
+        batch = list(self.undelivered.values())
         requests = [m.Result(id=0, worker_id=self.worker_id, task_id=o.task_id, ok=o.ok, result=o.result,
                              error=o.error, retry=o.retry) for o in batch]
         try:
@@ -317,13 +314,13 @@ class ReporterActor(pykka.ThreadingActor):
                 log.warning("result not accepted yet (%s); will resend", reply, extra=extra)
                 later = True
         for task_id in settled:
-            del self.outbox[task_id]
+            del self.undelivered[task_id]
         if settled:
             self.heartbeat.tell(Settled(task_ids=settled))
         if lost is not None:
             self.connected = False
-            log.info("%d result(s) kept for delivery after reconnecting", len(self.outbox),
-                     extra={"worker_id": self.worker_id, "count": len(self.outbox)})
+            log.info("%d result(s) kept for delivery after reconnecting", len(self.undelivered),
+                     extra={"worker_id": self.worker_id, "count": len(self.undelivered)})
             self.link.tell(Lost(generation=self.generation, source="control", reason=str(lost)))
         elif later and not self.retry_queued:
             self.retry_queued = True

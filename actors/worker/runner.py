@@ -32,8 +32,9 @@ import pykka
 
 from actors.worker.heartbeat import HeartbeatActor
 from actors.worker.link import DeregisterNow, LinkActor, Listen, Registration, Stopping
+from actors.worker.messages import RunningTasks, Stop, UndeliveredCount, WhenDone
 from actors.worker.pool import Backend, ProcessBackend, ThreadBackend, terminate_children
-from actors.worker.roles import ClaimerActor, ExecutorActor, ReporterActor, Stop, WhenDone
+from actors.worker.roles import ClaimerActor, ExecutorActor, ReporterActor
 from actors.worker.sdk import cron_schedules, registered_tasks
 from config.settings import ConfigError, Settings, load_settings
 from transport.client_settings import ClientSettings, ClientSettingsError
@@ -202,21 +203,21 @@ class Worker:
         self.claimer.tell(Stop())
         self.executor.tell(Stop())
         self.claims.close()  # ends a waiting CLAIM now rather than when its wait_ms runs out
-        idle = pykka.ThreadingFuture()
+        idle: pykka.ThreadingFuture[bool] = pykka.ThreadingFuture()
         self.executor.tell(WhenDone(idle))
         unfinished: list[str] = []
         try:
             idle.get(timeout=grace)
         except pykka.Timeout:
-            unfinished = self.executor.ask("running", timeout=2.0)
+            unfinished = self.executor.ask(RunningTasks(), block=True, timeout=2.0)
             log.warning("%d task(s) still running after %.1f s; the broker gets them back at DEREGISTER",
                         len(unfinished), grace, extra={"count": len(unfinished)})
-        delivered = pykka.ThreadingFuture()
+        delivered: pykka.ThreadingFuture[bool] = pykka.ThreadingFuture()
         self.reporter.tell(WhenDone(delivered))
         try:
             delivered.get(timeout=max(deadline - time.monotonic(), 2.0))
         except pykka.Timeout:
-            undelivered = self.reporter.ask("undelivered")
+            undelivered = self.reporter.ask(UndeliveredCount(), block=True, timeout=2.0)
             log.warning("%d result(s) could not be delivered before exiting", undelivered)
         self.heartbeat.tell(Stop())
         try:

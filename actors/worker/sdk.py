@@ -244,14 +244,14 @@ def _outcome(info: m.TaskInfo) -> Any:
 
 # ---------------------------------------------------------------- the decorator
 
-_registry: dict[str, Task[Any, Any]] = {}
-_registry_lock = threading.Lock()
+_task_kinds: dict[str, Task[Any, Any]] = {}
+_task_kinds_lock = threading.Lock()
 
 
 def registered_tasks() -> dict[str, Task[Any, Any]]:
     """Every `@task` defined (imported) in this process, by kind: what a worker can serve."""
-    with _registry_lock:
-        return dict(_registry)
+    with _task_kinds_lock:
+        return dict(_task_kinds)
 
 
 def _timestamp(run_at: float | dt.datetime | None, delay: float | None) -> float | None:
@@ -267,8 +267,10 @@ def _timestamp(run_at: float | dt.datetime | None, delay: float | None) -> float
 class Task(Generic[P, R]):
     """A function registered as a task kind. Calling it runs it here; `submit` sends it to the broker."""
 
+    __qualname__: str  # the wrapped function's, copied by functools.update_wrapper (pickling uses it)
+
     def __init__(self, fn: Callable[P, R], *, name: str | None = None, queue: str = "default",
-                 priority: int | str = "normal", max_retries: int | None = None,
+                 priority: int | m.PriorityName = "normal", max_retries: int | None = None,
                  lease_ms: int | None = None, cron: str | None = None, cron_tz: str = "UTC") -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
@@ -298,7 +300,7 @@ class Task(Generic[P, R]):
 
     def spec(self, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
              run_at: float | dt.datetime | None = None, delay: float | None = None,
-             unique_key: str | None = None, priority: int | str | None = None) -> m.TaskSpec:
+             unique_key: str | None = None, priority: int | m.PriorityName | None = None) -> m.TaskSpec:
         """The TaskSpec that submitting this call sends (useful to batch several kinds by hand)."""
         return m.TaskSpec(kind=self.kind, payload=encode_payload(args, kwargs), queue=self.queue,
                           priority=self.priority if priority is None else priority,
@@ -316,7 +318,7 @@ class Task(Generic[P, R]):
 
     def apply(self, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
               run_at: float | dt.datetime | None = None, delay: float | None = None,
-              unique_key: str | None = None, priority: int | str | None = None,
+              unique_key: str | None = None, priority: int | m.PriorityName | None = None,
               client: Client | None = None) -> TaskHandle:
         """Submit one call with explicit args/kwargs (and optionally another priority or client)."""
         spec = self.spec(args, kwargs, run_at=run_at, delay=delay, unique_key=unique_key, priority=priority)
@@ -351,12 +353,12 @@ def _split_call(call: Any) -> tuple[tuple[Any, ...] | list[Any], dict[str, Any] 
 
 
 def _register(t: Task[Any, Any]) -> None:
-    with _registry_lock:
-        existing = _registry.get(t.kind)
+    with _task_kinds_lock:
+        existing = _task_kinds.get(t.kind)
         if existing is not None and (existing.__module__, existing.__qualname__) != (t.__module__, t.__qualname__):
             raise ValueError(f"task kind {t.kind!r} is already registered by "
                              f"{existing.__module__}.{existing.__qualname__}; give one of them another name=")
-        _registry[t.kind] = t  # a module imported again (reload) replaces its own tasks
+        _task_kinds[t.kind] = t  # a module imported again (reload) replaces its own tasks
 
 
 def _check_cron(kind: str, cron: str, tz: str) -> None:
@@ -387,13 +389,13 @@ def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 
 @overload
 def task(
-    *, name: str | None = None, queue: str = "default", priority: int | str = "normal",
+    *, name: str | None = None, queue: str = "default", priority: int | m.PriorityName = "normal",
     max_retries: int | None = None, lease_ms: int | None = None, cron: str | None = None, cron_tz: str = "UTC",
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def task(fn: Callable[P, R] | None = None, /, *, name: str | None = None, queue: str = "default",
-         priority: int | str = "normal", max_retries: int | None = None,
+         priority: int | m.PriorityName = "normal", max_retries: int | None = None,
          lease_ms: int | None = None, cron: str | None = None,
          cron_tz: str = "UTC") -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Register a function as a task kind; usable bare (`@task`) or with options (`@task(queue=...)`).
