@@ -19,7 +19,7 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from actors.context import BrokerContext
-from actors.http import api, dashboard, errors, ops
+from actors.http import api, dashboard, dashboard_ops, errors, ops
 from actors.http.guard import Guard
 from actors.http.openapi import Operation, document
 from actors.http.reply import Gateway
@@ -146,6 +146,7 @@ def build_app(ctx: BrokerContext, query: Any) -> falcon.App:
         app.add_route(path, resource(shared))
     app.add_route(OPENAPI_PATH, OpenApiResource(msgspec.json.encode(openapi_document())))
     dashboard.mount(app, shared, ctx, guard)
+    dashboard_ops.mount(app, shared, ctx)
     app.add_static_route("/static", str(STATIC_DIR))
     return app
 
