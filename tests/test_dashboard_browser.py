@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.rest_helpers import rest_broker
+from transport.messages import TaskSpec
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INSTALL = "apt-get install -y chromium chromium-driver"
@@ -68,6 +69,9 @@ def _seed(broker) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     for priority in ("high", "normal", "low"):
         client.submit("mail.send", b"{}", queue="mail", priority=priority)
     pending = client.submit("report.build", b'{"month": 11}', queue="reports").task_id
+    client.schedule_add("monthly-report", "0 3 1 * *", TaskSpec(kind="report.build", payload=b"{}", queue="reports"),
+                        tz="Europe/Berlin")
+    client.rate_limit("mail", 20)
     return running.task_id, pending
 
 
@@ -78,7 +82,8 @@ def test_every_page_loads_in_chromium_and_the_cancel_button_cancels(make_broker,
     wait_for(lambda: broker.client().query("SELECT count(*) FROM task_history")[1][0][0] >= 24)
     for path, name, marker in (("/", "overview", "stat-pending"), ("/queues", "queues", "queue-media"),
                                ("/tasks", "tasks", "task_id"), ("/running", "running", "live"),
-                               ("/workers", "workers", "live"), ("/sql", "sql", "sql")):
+                               ("/workers", "workers", "live"), ("/sql", "sql", "sql"),
+                               ("/dead", "dead", "dead-list"), ("/schedules", "schedules", "schedule-list")):
         browser.get(base + path)
         assert browser.find_element(By.ID, marker), path
         browser.save_screenshot(str(shots / f"{name}.png"))
@@ -94,6 +99,26 @@ def test_every_page_loads_in_chromium_and_the_cancel_button_cancels(make_broker,
     wait_for(lambda: browser.find_element(By.ID, "task-state").text == "cancelled")
     browser.save_screenshot(str(shots / "task.png"))
     assert broker.client().status(pending).state == "cancelled"
+
+
+def test_the_pause_button_pauses_the_queue_and_requeue_makes_a_dead_task_pending(make_broker, browser, shots) -> None:
+    broker, port = rest_broker(make_broker)
+    client = broker.client()
+    client.submit("media.resize", b"{}", queue="media")
+    dead = client.submit("mail.send", b"{}", queue="mail", max_retries=0).task_id
+    [job] = client.claim("worker-a", ["mail"], max_tasks=1, wait_ms=0)
+    client.fail("worker-a", job.task_id, error="smtp refused the message", retry=False)
+    base = f"http://127.0.0.1:{port}"
+    browser.get(base + "/queues")
+    browser.find_element(By.ID, "pause-media").click()
+    wait_for(lambda: browser.find_elements(By.ID, "resume-media"))
+    assert [q.paused for q in broker.client().queues() if q.name == "media"] == [True]
+    assert broker.client().claim("worker-b", ["media"], max_tasks=1, wait_ms=0) == []
+    browser.save_screenshot(str(shots / "queues-paused.png"))
+    browser.get(base + "/dead")
+    browser.find_element(By.ID, f"requeue-{dead}").click()
+    wait_for(lambda: "the dead set is empty" in browser.find_element(By.ID, "dead-list").text)
+    assert broker.client().status(dead).state == "pending"
 
 
 def test_the_login_page_admits_a_key_and_the_pages_follow(make_broker, browser, shots) -> None:
