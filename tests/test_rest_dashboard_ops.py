@@ -66,7 +66,7 @@ def test_the_dead_set_page_lists_and_requeues_one_and_deletes_the_rest(dash) -> 
     page = http.call("GET", "/dead")[1]
     assert all(f'id="dead-{t}"' in page for t in (first, second, third)) and "disk full" in page
     assert f'id="dead-{third}"' not in http.call("GET", "/dead?queue=media")[1]
-    _post(http, "/dead/requeue", origin, task_id=first, back="/dead")
+    assert _post(http, "/dead/requeue", origin, task_id=first, back="//evil.example/x").endswith("/dead")
     assert tcp.status(first).state == "pending"
     _post(http, "/dead/delete", origin, all="on", queue="media")
     assert [t.task_id for t in tcp.dead().tasks] == [third]

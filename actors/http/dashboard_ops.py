@@ -165,7 +165,8 @@ class DeadAction(Page):
         if message is None:
             raise falcon.HTTPNotFound()
         back = form.get("back", "")
-        target = back if back.startswith("/") and not back.startswith("//") else "/dead"
+        local = back.startswith("/") and not back.startswith(("//", "/\\")) and len(back) <= 1000
+        target = back if local else "/dead"  # only a path of this site: never a redirect elsewhere
         fields = {k: v.strip() for k, v in form.items() if k in ("task_id", "queue", "kind") and v.strip()}
         act(target, lambda: ops.dead_change(self.api, message, msgspec.convert(
             {**fields, "all": form.get("all") == "on"}, DeadIn)))

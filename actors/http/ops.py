@@ -161,7 +161,8 @@ class ResumeResource(Resource):
 
 class PurgeResource(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response, queue: str) -> None:
-        body, _ = read_body(req, PurgeIn, self.api.body_limit) if req.content_length else (PurgeIn(), 0)
+        has_body = bool(req.content_length) or req.get_header("Transfer-Encoding") is not None
+        body, _ = read_body(req, PurgeIn, self.api.body_limit) if has_body else (PurgeIn(), 0)  # a body is optional
         send(resp, CountOut(count=ask(self.api, build(Purge, queue=queue, scheduled=body.scheduled), Count).count))
 
 
