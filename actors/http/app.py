@@ -63,7 +63,7 @@ API_ROUTES: list[tuple[str, Any, dict[str, Operation]]] = [
         "POST": Operation("Submit one task (201; 200 with duplicate: true)", SubmittedOut, 201, TaskIn),
         "GET": Operation("A page of tasks in one state (required: state), oldest first unless order=newest; "
                          "pass `next` as cursor for the following page", TaskPageOut,
-                         params=("state", "queue", "kind", "limit", "cursor", "order"))}),
+                         params=("state", "queue", "kind", "limit", "cursor", "order"), required=("state",))}),
     ("/api/v1/tasks/batch", api.BatchResource, {
         "POST": Operation("Submit 1-10,000 tasks, accepted whole or not at all", BatchOut, 201, BatchIn)}),
     ("/api/v1/tasks/{task_id}", api.TaskResource, {
