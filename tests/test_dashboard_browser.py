@@ -28,6 +28,8 @@ if not (shutil.which(CHROMIUM) and shutil.which(DRIVER)):
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -e '.[test]'")
 By = pytest.importorskip("selenium.webdriver.common.by").By
+_exceptions = pytest.importorskip("selenium.common.exceptions")
+Stale, NoSuchElement = _exceptions.StaleElementReferenceException, _exceptions.NoSuchElementException
 
 
 @pytest.fixture
@@ -101,6 +103,23 @@ def test_every_page_loads_in_chromium_and_the_cancel_button_cancels(make_broker,
     assert broker.client().status(pending).state == "cancelled"
 
 
+def _click(browser, element_id: str) -> bool:  # type: ignore[no-untyped-def]
+    """Clicks the element; False if the page's 3 s refresh replaced it between finding and clicking."""
+    try:
+        browser.find_element(By.ID, element_id).click()
+        return True
+    except Stale:
+        return False
+
+
+def _text(browser, element_id: str) -> str:  # type: ignore[no-untyped-def]
+    """The element's text; empty while the page is being replaced."""
+    try:
+        return browser.find_element(By.ID, element_id).text
+    except (Stale, NoSuchElement):
+        return ""
+
+
 def test_the_pause_button_pauses_the_queue_and_requeue_makes_a_dead_task_pending(make_broker, browser, shots) -> None:
     broker, port = rest_broker(make_broker)
     client = broker.client()
@@ -110,14 +129,14 @@ def test_the_pause_button_pauses_the_queue_and_requeue_makes_a_dead_task_pending
     client.fail("worker-a", job.task_id, error="smtp refused the message", retry=False)
     base = f"http://127.0.0.1:{port}"
     browser.get(base + "/queues")
-    browser.find_element(By.ID, "pause-media").click()
+    wait_for(lambda: _click(browser, "pause-media"))
     wait_for(lambda: browser.find_elements(By.ID, "resume-media"))
     assert [q.paused for q in broker.client().queues() if q.name == "media"] == [True]
     assert broker.client().claim("worker-b", ["media"], max_tasks=1, wait_ms=0) == []
     browser.save_screenshot(str(shots / "queues-paused.png"))
     browser.get(base + "/dead")
-    browser.find_element(By.ID, f"requeue-{dead}").click()
-    wait_for(lambda: "the dead set is empty" in browser.find_element(By.ID, "dead-list").text)
+    wait_for(lambda: _click(browser, f"requeue-{dead}"))
+    wait_for(lambda: "the dead set is empty" in _text(browser, "dead-list"))
     assert broker.client().status(dead).state == "pending"
 
 
