@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.rest_helpers import rest_broker
+from transport.messages import TaskSpec
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INSTALL = "apt-get install -y chromium chromium-driver"
@@ -27,6 +28,8 @@ if not (shutil.which(CHROMIUM) and shutil.which(DRIVER)):
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -e '.[test]'")
 By = pytest.importorskip("selenium.webdriver.common.by").By
+_exceptions = pytest.importorskip("selenium.common.exceptions")
+Stale, NoSuchElement = _exceptions.StaleElementReferenceException, _exceptions.NoSuchElementException
 
 
 @pytest.fixture
@@ -68,6 +71,9 @@ def _seed(broker) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     for priority in ("high", "normal", "low"):
         client.submit("mail.send", b"{}", queue="mail", priority=priority)
     pending = client.submit("report.build", b'{"month": 11}', queue="reports").task_id
+    client.schedule_add("monthly-report", "0 3 1 * *", TaskSpec(kind="report.build", payload=b"{}", queue="reports"),
+                        tz="Europe/Berlin")
+    client.rate_limit("mail", 20)
     return running.task_id, pending
 
 
@@ -78,7 +84,8 @@ def test_every_page_loads_in_chromium_and_the_cancel_button_cancels(make_broker,
     wait_for(lambda: broker.client().query("SELECT count(*) FROM task_history")[1][0][0] >= 24)
     for path, name, marker in (("/", "overview", "stat-pending"), ("/queues", "queues", "queue-media"),
                                ("/tasks", "tasks", "task_id"), ("/running", "running", "live"),
-                               ("/workers", "workers", "live"), ("/sql", "sql", "sql")):
+                               ("/workers", "workers", "live"), ("/sql", "sql", "sql"),
+                               ("/dead", "dead", "dead-list"), ("/schedules", "schedules", "schedule-list")):
         browser.get(base + path)
         assert browser.find_element(By.ID, marker), path
         browser.save_screenshot(str(shots / f"{name}.png"))
@@ -94,6 +101,43 @@ def test_every_page_loads_in_chromium_and_the_cancel_button_cancels(make_broker,
     wait_for(lambda: browser.find_element(By.ID, "task-state").text == "cancelled")
     browser.save_screenshot(str(shots / "task.png"))
     assert broker.client().status(pending).state == "cancelled"
+
+
+def _click(browser, element_id: str) -> bool:  # type: ignore[no-untyped-def]
+    """Clicks the element; False if the page's 3 s refresh replaced it between finding and clicking."""
+    try:
+        browser.find_element(By.ID, element_id).click()
+        return True
+    except Stale:
+        return False
+
+
+def _text(browser, element_id: str) -> str:  # type: ignore[no-untyped-def]
+    """The element's text; empty while the page is being replaced."""
+    try:
+        return browser.find_element(By.ID, element_id).text
+    except (Stale, NoSuchElement):
+        return ""
+
+
+def test_the_pause_button_pauses_the_queue_and_requeue_makes_a_dead_task_pending(make_broker, browser, shots) -> None:
+    broker, port = rest_broker(make_broker)
+    client = broker.client()
+    client.submit("media.resize", b"{}", queue="media")
+    dead = client.submit("mail.send", b"{}", queue="mail", max_retries=0).task_id
+    [job] = client.claim("worker-a", ["mail"], max_tasks=1, wait_ms=0)
+    client.fail("worker-a", job.task_id, error="smtp refused the message", retry=False)
+    base = f"http://127.0.0.1:{port}"
+    browser.get(base + "/queues")
+    wait_for(lambda: _click(browser, "pause-media"))
+    wait_for(lambda: browser.find_elements(By.ID, "resume-media"))
+    assert [q.paused for q in broker.client().queues() if q.name == "media"] == [True]
+    assert broker.client().claim("worker-b", ["media"], max_tasks=1, wait_ms=0) == []
+    browser.save_screenshot(str(shots / "queues-paused.png"))
+    browser.get(base + "/dead")
+    wait_for(lambda: _click(browser, f"requeue-{dead}"))
+    wait_for(lambda: "the dead set is empty" in _text(browser, "dead-list"))
+    assert broker.client().status(dead).state == "pending"
 
 
 def test_the_login_page_admits_a_key_and_the_pages_follow(make_broker, browser, shots) -> None:

@@ -29,7 +29,7 @@ def test_every_page_renders_with_the_brokers_figures(dash) -> None:
     assert job.task_id != done
     client.cancel(done)
     for path, expected in (("/", 'id="stat-running">1<'), ("/queues", 'id="queue-media"'), ("/running", job.task_id),
-                           ("/workers", "w1"), ("/tasks", done), (f"/tasks/{job.task_id}", "running"),
+                           ("/workers", "w1"), ("/tasks?state=cancelled", done), (f"/tasks/{job.task_id}", "running"),
                            ("/sql", "task_history"), ("/login", "api_key")):
         status, page = wait_for(lambda p=path, e=expected: (r := http.call("GET", p))[1].count(e) and r)
         assert status == 200, path

@@ -24,7 +24,6 @@ from actors.http.schemas import (
     OkOut,
     QueryIn,
     QueryOut,
-    QueuesOut,
     ResultIn,
     SubmittedOut,
     TaskIn,
@@ -163,14 +162,6 @@ class StatsResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         send(resp, self.api.stats())
-
-
-class QueuesResource:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        send(resp, QueuesOut(queues=self.api.stats().queues))
 
 
 class WorkersResource:

@@ -19,7 +19,7 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from actors.context import BrokerContext
-from actors.http import api, dashboard, errors
+from actors.http import api, dashboard, dashboard_ops, errors, ops
 from actors.http.guard import Guard
 from actors.http.openapi import Operation, document
 from actors.http.reply import Gateway
@@ -33,12 +33,23 @@ from actors.http.schemas import (
     OkOut,
     QueryIn,
     QueryOut,
-    QueuesOut,
     ResultIn,
     SubmittedOut,
     TaskIn,
     TaskOut,
     WorkersOut,
+)
+from actors.http.schemas_ops import (
+    CountOut,
+    DeadIn,
+    DeadPageOut,
+    PurgeIn,
+    QueuesOut,
+    RateLimitIn,
+    ScheduleIn,
+    ScheduleOut,
+    SchedulesOut,
+    TaskPageOut,
 )
 from transport.messages import StatsInfo
 
@@ -48,8 +59,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 OPENAPI_PATH = "/api/v1/openapi.json"
 
 API_ROUTES: list[tuple[str, Any, dict[str, Operation]]] = [
-    ("/api/v1/tasks", api.TasksResource, {
-        "POST": Operation("Submit one task (201; 200 with duplicate: true)", SubmittedOut, 201, TaskIn)}),
+    ("/api/v1/tasks", ops.TasksResource, {
+        "POST": Operation("Submit one task (201; 200 with duplicate: true)", SubmittedOut, 201, TaskIn),
+        "GET": Operation("A page of tasks in one state (required: state), oldest first unless order=newest; "
+                         "pass `next` as cursor for the following page", TaskPageOut,
+                         params=("state", "queue", "kind", "limit", "cursor", "order"), required=("state",))}),
     ("/api/v1/tasks/batch", api.BatchResource, {
         "POST": Operation("Submit 1-10,000 tasks, accepted whole or not at all", BatchOut, 201, BatchIn)}),
     ("/api/v1/tasks/{task_id}", api.TaskResource, {
@@ -58,7 +72,29 @@ API_ROUTES: list[tuple[str, Any, dict[str, Operation]]] = [
     ("/api/v1/tasks/{task_id}/result", api.ResultResource, {
         "POST": Operation("Report the outcome of a claimed task", OkOut, 200, ResultIn)}),
     ("/api/v1/stats", api.StatsResource, {"GET": Operation("Counts, totals and per-queue figures", StatsInfo)}),
-    ("/api/v1/queues", api.QueuesResource, {"GET": Operation("Live counts per queue and tier", QueuesOut)}),
+    ("/api/v1/queues", ops.QueuesResource, {
+        "GET": Operation("Per queue: live counts and tiers, dead tasks, paused, rate limit", QueuesOut)}),
+    ("/api/v1/queues/{queue}/pause", ops.PauseResource, {
+        "POST": Operation("Pause: claims get nothing from this queue until resumed", OkOut)}),
+    ("/api/v1/queues/{queue}/resume", ops.ResumeResource, {"POST": Operation("Resume a paused queue", OkOut)}),
+    ("/api/v1/queues/{queue}/purge", ops.PurgeResource, {
+        "POST": Operation("Delete the queue's pending tasks (and scheduled ones with scheduled: true)", CountOut,
+                          request=PurgeIn)}),
+    ("/api/v1/queues/{queue}/rate-limit", ops.RateLimitResource, {
+        "PUT": Operation("Set claims per second for the queue; per_second: null clears it", OkOut,
+                         request=RateLimitIn)}),
+    ("/api/v1/dead", ops.DeadResource, {
+        "GET": Operation("A page of the dead set, oldest death first; pass `next` as after", DeadPageOut,
+                         params=("queue", "kind", "limit", "after"))}),
+    ("/api/v1/dead/requeue", ops.RequeueResource, {
+        "POST": Operation("Dead tasks back to pending under the same id: task_id, or all (queue, kind)", CountOut,
+                          request=DeadIn)}),
+    ("/api/v1/dead/delete", ops.DeleteDeadResource, {
+        "POST": Operation("Delete dead tasks: task_id, or all (queue, kind)", CountOut, request=DeadIn)}),
+    ("/api/v1/schedules", ops.SchedulesResource, {"GET": Operation("The cron schedules", SchedulesOut)}),
+    ("/api/v1/schedules/{name}", ops.ScheduleResource, {
+        "PUT": Operation("Add or replace the named cron schedule", ScheduleOut, request=ScheduleIn),
+        "DELETE": Operation("Remove the named cron schedule", ScheduleOut)}),
     ("/api/v1/workers", api.WorkersResource, {"GET": Operation("Registered workers", WorkersOut)}),
     ("/api/v1/workers/{worker_id}/heartbeat", api.HeartbeatResource, {
         "POST": Operation("Heartbeat: renews the leases of the active tasks", OkOut, 200, HeartbeatIn)}),
@@ -88,8 +124,20 @@ def openapi_document(version: str = "1.1") -> dict[str, Any]:
     return document(routes, version)
 
 
+def gated(ctx: BrokerContext, query: Any) -> Any:
+    """`query` behind the broker-wide QUERY gate (`actors.queries.QueryGate`), one slot per call: SQL from
+    HTTP waits in the same line as TCP clients' QUERYs and history BROWSEs."""
+
+    def run(sql: str) -> Any:
+        with ctx.queries.slot(object()):
+            return query(sql)
+
+    return run
+
+
 def build_app(ctx: BrokerContext, query: Any) -> falcon.App:
     guard = Guard(ctx)
+    query = gated(ctx, query)
     app = falcon.App(middleware=[guard])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
@@ -98,6 +146,7 @@ def build_app(ctx: BrokerContext, query: Any) -> falcon.App:
         app.add_route(path, resource(shared))
     app.add_route(OPENAPI_PATH, OpenApiResource(msgspec.json.encode(openapi_document())))
     dashboard.mount(app, shared, ctx, guard)
+    dashboard_ops.mount(app, shared, ctx)
     app.add_static_route("/static", str(STATIC_DIR))
     return app
 

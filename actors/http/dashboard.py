@@ -116,39 +116,6 @@ class Overview(Page):
         return charts
 
 
-class Queues(Page):
-    template = "queues.html"
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        stats = self.api.stats()
-        names = sorted(stats.queues)
-        page = self.page(req)
-        shown = names[page * PAGE_ROWS:(page + 1) * PAGE_ROWS]
-        self.render(req, resp, queues=[(n, stats.queues[n]) for n in shown], page=page,
-                    more=len(names) > (page + 1) * PAGE_ROWS)
-
-
-class Tasks(Page):
-    """Finished tasks from task_history, filtered and paged; a task id jumps to its page."""
-
-    template = "tasks.html"
-    STATES = ("completed", "failed", "cancelled")
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        task_id = (req.get_param("task_id") or "").strip()
-        if task_id:
-            raise falcon.HTTPSeeOther(f"/tasks/{quote(task_id[:200], safe='')}")
-        filters = {name: (req.get_param(name) or "")[:200] for name in ("queue", "state", "kind")}
-        where = [f"{name} = {sql_text(value)}" for name, value in filters.items() if value]
-        page = self.page(req)
-        rows = run_query(self.api.query, (
-            "SELECT task_id, queue, kind, state, attempts, worker_id, finished_at, duration_ms FROM task_history "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + f"ORDER BY finished_at DESC LIMIT {PAGE_ROWS + 1} OFFSET {page * PAGE_ROWS}")).rows
-        self.render(req, resp, rows=rows[:PAGE_ROWS], more=len(rows) > PAGE_ROWS, page=page, filters=filters,
-                    states=self.STATES)
-
-
 class TaskPage(Page):
     template = "task.html"
 
@@ -278,10 +245,9 @@ class Logout(Page):
 
 
 def mount(app: falcon.App, api: Api, ctx: BrokerContext, guard: Guard) -> None:
-    """The dashboard's route table."""
+    """The dashboard's route table; the queue-operation pages (/queues, /tasks, /dead, /schedules) are in
+    `actors.http.dashboard_ops.mount`."""
     app.add_route("/", Overview(api, ctx))
-    app.add_route("/queues", Queues(api, ctx))
-    app.add_route("/tasks", Tasks(api, ctx))
     app.add_route("/tasks/{task_id}", TaskPage(api, ctx))
     app.add_route("/tasks/{task_id}/cancel", CancelAction(api, ctx))
     app.add_route("/running", Running(api, ctx))

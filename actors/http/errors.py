@@ -34,7 +34,7 @@ STATUS: dict[str, int] = {
     ErrorCode.TOO_MANY_CONNECTIONS: 503,
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.INTERNAL: 503,
-    ErrorCode.UNAVAILABLE: 503,  # history unreadable for now: retry
+    ErrorCode.UNAVAILABLE: 503,  # v1.1: history cannot be read right now; retry
 }
 _CODE_OF_STATUS = {401: ErrorCode.UNAUTHORIZED, 403: FORBIDDEN, 404: ErrorCode.NOT_FOUND,
                    413: ErrorCode.FRAME_TOO_LARGE}

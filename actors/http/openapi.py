@@ -24,6 +24,8 @@ class Operation(msgspec.Struct, frozen=True):
     response: Any
     status: int = 200
     request: Any = None
+    params: tuple[str, ...] = ()  # query parameters (strings; `limit`, `after` whole numbers)
+    required: tuple[str, ...] = ()  # those of `params` a request must give
 
 
 def document(routes: list[tuple[str, dict[str, Operation]]], version: str) -> dict[str, Any]:
@@ -64,10 +66,12 @@ def _operation(path: str, method: str, op: Operation, ref_of: dict[Any, Any]) ->
             **{str(status): error for status in sorted(set(STATUS.values()))},
         },
     }
-    params = re.findall(r"{(\w+)}", path)
+    params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+              for p in re.findall(r"{(\w+)}", path)]
+    params += [{"name": p, "in": "query", "required": p in op.required,
+                "schema": {"type": "integer" if p in ("limit", "after") else "string"}} for p in op.params]
     if params:
-        out["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                             for p in params]
+        out["parameters"] = params
     if op.request is not None:
         out["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref_of[op.request]}}}
     return out

@@ -21,7 +21,6 @@ from transport.messages import (
     LeaseMs,
     Priority,
     QueueName,
-    QueueStats,
     TaskId,
     TaskInfo,
     TaskSpec,
@@ -130,10 +129,6 @@ class TaskOut(Struct):
 class CancelledOut(Struct):
     task_id: str
     state: str
-
-
-class QueuesOut(Struct):
-    queues: dict[str, QueueStats]
 
 
 class WorkersOut(Struct):

@@ -5,6 +5,8 @@
   function refresh() {
     if (document.hidden) return;
     document.querySelectorAll("[data-refresh]").forEach(function (el) {
+      var focus = document.activeElement;  // never swap a form out from under the person typing in it
+      if (focus && focus !== document.body && el.contains(focus) && focus.tagName !== "BUTTON") return;
       fetch(el.getAttribute("data-refresh"), {credentials: "same-origin"})
         .then(function (r) { return r.ok ? r.text() : null; })
         .then(function (html) {
