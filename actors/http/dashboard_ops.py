@@ -161,7 +161,8 @@ class DeadAction(Page):
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, action: str) -> None:
         form = read_form(req, self.api.body_limit)
-        message = {"requeue": Requeue, "delete": DeleteDead}.get(action)
+        kinds: dict[str, type[Requeue] | type[DeleteDead]] = {"requeue": Requeue, "delete": DeleteDead}
+        message = kinds.get(action)
         if message is None:
             raise falcon.HTTPNotFound()
         back = form.get("back", "")
