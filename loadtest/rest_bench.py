@@ -7,6 +7,8 @@ keep-alive HTTP/1.1 connection (http.client):
 - single: POST /api/v1/tasks one at a time (each waits for its 201), for S seconds: tasks/s, p50, p99;
 - the same from a bare socket (one send per request, no http.client parsing): the server's share;
 - reference: the same submit over TCP (loadtest.rawclient), to read the REST figures against;
+- ceiling: the same client against gevent.pywsgi serving an app that does nothing (loadtest.wsgi_ceiling):
+  what the server the REST API runs on allows on this machine;
 - batch: POST /api/v1/tasks/batch of 1,000 tasks, one at a time, for S seconds: tasks/s;
 - --dashboard: with the broker stopped, 1,000,000 rows are written straight into task_history
   (finished over the last hour, 20 kinds, 5 % failed); then the broker starts, 100,000 tasks are
@@ -21,10 +23,12 @@ import http.client
 import json
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
-from loadtest.bench_procs import HOST, Broker, free_port, wait_listening
+from loadtest.bench_procs import HOST, ROOT, Broker, free_port, wait_listening
 
 BATCH = 1000
 
@@ -181,13 +185,26 @@ def run_rest(seconds: float) -> dict[str, Any]:
         broker.start()
         wait_listening(rest_port, broker.proc, "REST API")  # type: ignore[arg-type]
         return {"single": single(rest_port, seconds), "raw": raw_single(rest_port, seconds),
-                "tcp": tcp_single(broker.port, seconds), "batch": batch(rest_port, seconds)}
+                "tcp": tcp_single(broker.port, seconds), "batch": batch(rest_port, seconds),
+                "ceiling": ceiling(seconds)}
     finally:
         broker.cleanup()
 
 
+def ceiling(seconds: float) -> dict[str, Any]:
+    """`single` against gevent.pywsgi with an app that does nothing (loadtest.wsgi_ceiling)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "loadtest.wsgi_ceiling", str(port)], cwd=ROOT)
+    try:
+        wait_listening(port, server, "gevent.pywsgi ceiling")
+        return single(port, seconds)
+    finally:
+        server.kill()
+        server.wait()
+
+
 def report(figures: dict[str, Any]) -> str:
-    one, raw, tcp, many = figures["single"], figures["raw"], figures["tcp"], figures["batch"]
+    one, raw, tcp, many, top = (figures[k] for k in ("single", "raw", "tcp", "batch", "ceiling"))
     return "\n".join([
         f"i1 POST /api/v1/tasks, one at a time, keep-alive (http.client): {one['requests']} requests, "
         f"{one['per_s']:,.0f}/s, p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms (goal >= 3,000/s, p99 <= 5 ms)",
@@ -195,6 +212,8 @@ def report(figures: dict[str, Any]) -> str:
         f"p50 {raw['p50_ms']:.2f} ms, p99 {raw['p99_ms']:.2f} ms",
         f"   reference, TCP SUBMIT one at a time (raw client): {tcp['requests']} requests, {tcp['per_s']:,.0f}/s, "
         f"p50 {tcp['p50_ms']:.2f} ms, p99 {tcp['p99_ms']:.2f} ms",
+        f"   ceiling, gevent.pywsgi with an app that does nothing (same client as i1): {top['requests']} requests, "
+        f"{top['per_s']:,.0f}/s, p50 {top['p50_ms']:.2f} ms, p99 {top['p99_ms']:.2f} ms",
         f"i2 POST /api/v1/tasks/batch of {BATCH}: {many['tasks']} tasks, {many['tasks_per_s']:,.0f} tasks/s "
         "(goal >= 50,000/s)",
     ])
