@@ -14,7 +14,7 @@ import pykka
 
 from actors.envelopes import Replies
 from actors.task_index import TaskIndex
-from storage.model import Counters, Task
+from storage.model import Counters, TaskRecord
 from transport.messages import (
     Assigned,
     Error,
@@ -35,7 +35,7 @@ PendingReplies = dict[str, tuple[Any, list[Message]]]  # connection actor urn ->
 _ACKS = (Submitted, SubmittedBatch, Ok, Assigned, Count)
 
 
-def task_info(task: Task) -> TaskInfo:
+def task_info(task: TaskRecord) -> TaskInfo:
     return TaskInfo(
         task_id=task.task_id, queue=task.queue, kind=task.kind, priority=task.priority, state=task.state,
         attempts=task.attempts, max_retries=task.max_retries, submitted_at=task.submitted_at,
@@ -72,7 +72,7 @@ def queue_gauges(idx: TaskIndex) -> tuple[dict[str, int], dict[str, int]]:
     return tiers, per_queue
 
 
-def finished_answer(request_id: int, task: Task, code: str | None, message: str) -> Message:
+def finished_answer(request_id: int, task: TaskRecord, code: str | None, message: str) -> Message:
     """A request about a finished task: its status (`code` None) or the error `code` with `message`."""
     if code is None:
         return TaskStatus(id=request_id, task=task_info(task))

@@ -16,7 +16,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 
 from actors.task_index import STALE_SLACK, TaskIndex
-from storage.model import Task, TaskState
+from storage.model import TaskRecord, TaskState
 
 SCAN_BUDGET = 20_000  # log entries one BROWSE may step over (stale or filtered out by kind) before it answers
 
@@ -29,7 +29,7 @@ class _Log:
 
     def __init__(self, pending: bool) -> None:
         self.keys: list[int] = []
-        self.tasks: list[Task] = []
+        self.tasks: list[TaskRecord] = []
         self.marks: list[float] = self.keys if pending else []  # type: ignore[assignment]
 
     def live(self, i: int, state: str) -> bool:
@@ -45,7 +45,7 @@ class _Log:
         self.keys = self.marks if shared else [self.keys[i] for i in kept]  # type: ignore[assignment]
         self.tasks = [self.tasks[i] for i in kept]
 
-    def walk(self, state: str, after: int | None, newest_first: bool) -> Iterator[tuple[int, Task]]:
+    def walk(self, state: str, after: int | None, newest_first: bool) -> Iterator[tuple[int, TaskRecord]]:
         """(key, task) of live entries after the cursor key, in key order (descending if newest_first)."""
         keys = self.keys
         if newest_first:
@@ -71,7 +71,7 @@ class BrowsableIndex(TaskIndex):
         self.logs: dict[tuple[str, str], _Log] = {}
         self._entries = 0
 
-    def enter(self, task: Task) -> None:
+    def enter(self, task: TaskRecord) -> None:
         super().enter(task)
         state = task.state
         if state == TaskState.PENDING:
@@ -80,7 +80,7 @@ class BrowsableIndex(TaskIndex):
             self._entries += 1
             self._log(task, TaskState.SCHEDULED, self._entries, task.run_at, 1)
 
-    def leave(self, task: Task) -> None:
+    def leave(self, task: TaskRecord) -> None:
         state = task.state
         super().leave(task)
         if state == TaskState.PENDING or state == TaskState.SCHEDULED:
@@ -89,7 +89,7 @@ class BrowsableIndex(TaskIndex):
             if log is not None and len(log.keys) > 2 * live + STALE_SLACK:  # drained: drop the stale tasks
                 log.compact(state)
 
-    def _log(self, task: Task, state: str, key: int, mark: float, slot: int) -> None:
+    def _log(self, task: TaskRecord, state: str, key: int, mark: float, slot: int) -> None:
         log = self.logs.get((task.queue, state))
         if log is None:
             log = self.logs[(task.queue, state)] = _Log(state == TaskState.PENDING)
@@ -103,7 +103,7 @@ class BrowsableIndex(TaskIndex):
             log.compact(state)
 
     @staticmethod
-    def _insert(log: _Log, key: int, task: Task, mark: float) -> None:
+    def _insert(log: _Log, key: int, task: TaskRecord, mark: float) -> None:
         i = bisect_left(log.keys, key)
         log.keys.insert(i, key)
         log.tasks.insert(i, task)
@@ -112,7 +112,7 @@ class BrowsableIndex(TaskIndex):
 
 
 def live_page(index: BrowsableIndex, dead: dict[str, int], state: str, queue: str | None, kind: str | None,
-              limit: int, after: int | None, newest_first: bool) -> tuple[list[Task], int | None]:
+              limit: int, after: int | None, newest_first: bool) -> tuple[list[TaskRecord], int | None]:
     """Up to `limit` tasks in live `state` after cursor `after`; and the cursor of the next page, if any."""
     if state == TaskState.RUNNING:
         return _sorted_page(_running(index, queue), kind, limit, after, newest_first)
@@ -128,9 +128,9 @@ def live_page(index: BrowsableIndex, dead: dict[str, int], state: str, queue: st
     return _take(merged, queue, kind, limit)
 
 
-def _take(entries: Iterator[tuple[int, Task | None]], queue: str | None, kind: str | None,
-          limit: int) -> tuple[list[Task], int | None]:
-    page: list[Task] = []
+def _take(entries: Iterator[tuple[int, TaskRecord | None]], queue: str | None, kind: str | None,
+          limit: int) -> tuple[list[TaskRecord], int | None]:
+    page: list[TaskRecord] = []
     scanned, last = 0, None
     for key, task in entries:
         if task is not None and (queue is None or task.queue == queue) and (kind is None or task.kind == kind):
@@ -144,14 +144,14 @@ def _take(entries: Iterator[tuple[int, Task | None]], queue: str | None, kind: s
     return page, None
 
 
-def _running(index: TaskIndex, queue: str | None) -> list[Task]:
+def _running(index: TaskIndex, queue: str | None) -> list[TaskRecord]:
     tasks = index.tasks
     return [tasks[i] for ids in index.by_worker.values() for i in ids
             if i in tasks and (queue is None or tasks[i].queue == queue)]
 
 
-def _sorted_page(tasks: list[Task], kind: str | None, limit: int, after: int | None,
-                 newest_first: bool) -> tuple[list[Task], int | None]:
+def _sorted_page(tasks: list[TaskRecord], kind: str | None, limit: int, after: int | None,
+                 newest_first: bool) -> tuple[list[TaskRecord], int | None]:
     chosen = sorted((t for t in tasks if kind is None or t.kind == kind), key=lambda t: t.ready_seq,
                     reverse=newest_first)
     if after is not None:

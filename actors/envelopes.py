@@ -12,7 +12,7 @@ from typing import Any
 
 from msgspec import Struct
 
-from storage.model import Counters, Task
+from storage.model import Counters, TaskRecord
 from transport.messages import Message, WorkerInfo
 
 
@@ -147,7 +147,7 @@ class SnapshotData(Struct, gc=False):
     counters: Counters
     wal_segment: int
     finished_batch: str
-    finished: list[Task]
+    finished: list[TaskRecord]
     task_count: int
 
 
@@ -160,7 +160,7 @@ class CopySlice(Struct):
 class SnapshotSlice(Struct, gc=False):
     """Shallow copies made in the queue actor's handler (payloads are immutable bytes, shared)."""
 
-    tasks: list[Task]
+    tasks: list[TaskRecord]
 
 
 class SnapshotTaken(Struct, gc=False):

@@ -18,12 +18,12 @@ import gevent
 import gevent.queue
 
 from actors.envelopes import HistoryWritten
-from storage.model import Task
+from storage.model import TaskRecord
 
 log = logging.getLogger("tqbroker.history")
 
 LOOKUP_BATCH = 4096  # ids per history read at most: one scan answers every lookup waiting, up to this many
-Found = Callable[[Task | None, str | None], None]
+Found = Callable[[TaskRecord | None, str | None], None]
 
 
 class HistoryLink:
@@ -44,8 +44,8 @@ class HistoryLink:
         self.flush_interval_s = flush_interval_s
         self.max_batch = max_batch
         self.lookup_timeout_s = lookup_timeout_s  # a history read past this answers UNAVAILABLE
-        self._buffer: dict[str, Task] = {}
-        self._batches: dict[str, dict[str, Task]] = {}  # being written, or failed and waiting for a retry
+        self._buffer: dict[str, TaskRecord] = {}
+        self._batches: dict[str, dict[str, TaskRecord]] = {}  # being written, or failed and waiting for a retry
         self._writing: set[str] = set()
         self._run = uuid.uuid4().hex[:12]  # batch ids: unique across broker runs without any stored counter
         self._seq = 0
@@ -53,11 +53,11 @@ class HistoryLink:
         self._lookups: gevent.queue.Queue[tuple[str, Found]] = gevent.queue.Queue()  # to the lookup greenlet
         self._lookup_greenlet: gevent.Greenlet | None = None
 
-    def add(self, task: Task) -> None:
+    def add(self, task: TaskRecord) -> None:
         if self.history is not None:
             self._buffer[task.task_id] = task
 
-    def pending(self, task_id: str) -> Task | None:
+    def pending(self, task_id: str) -> TaskRecord | None:
         """A finished task not yet committed to DuckDB."""
         task = self._buffer.get(task_id)
         if task is None:
@@ -87,7 +87,7 @@ class HistoryLink:
         self._writing.add(batch_id)
         gevent.spawn(self._write, batch_id, list(self._batches[batch_id].values()))
 
-    def take_unflushed(self) -> tuple[str, list[Task]]:
+    def take_unflushed(self) -> tuple[str, list[TaskRecord]]:
         """Hands the buffered tasks to a snapshot as one batch (id, tasks), which commits them with itself."""
         if not self._buffer:
             return "", []
@@ -101,7 +101,7 @@ class HistoryLink:
         self._batches[batch_id], self._buffer = self._buffer, {}
         return batch_id
 
-    def _write(self, batch_id: str, tasks: list[Task]) -> None:
+    def _write(self, batch_id: str, tasks: list[TaskRecord]) -> None:
         error = None
         try:
             self.history.append(tasks, batch_id=batch_id)
@@ -144,7 +144,7 @@ def _find_batches(history: Any, lookups: gevent.queue.Queue[tuple[str, Found]], 
             task_id, callback = lookups.get_nowait()
             waiting.setdefault(task_id, []).append(callback)
         try:
-            found: dict[str, Task] = history.get_many(list(waiting), timeout=timeout)
+            found: dict[str, TaskRecord] = history.get_many(list(waiting), timeout=timeout)
             failure = None
         except Exception as exc:
             log.error("task_history lookup of %d tasks failed: %s", len(waiting), exc)

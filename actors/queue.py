@@ -69,8 +69,8 @@ from storage.model import (
     Counters,
     LeasesRenewed,
     OpsState,
-    Task,
     TaskDied,
+    TaskRecord,
     TaskState,
     TaskSubmitted,
     WalRecord,
@@ -119,7 +119,7 @@ class QueueActor(HubActor):
     expected_errors = (WalError,)  # PrepareSnapshot: the WAL cannot rotate (disk full); nothing changed
     def __init__(
         self, settings: Settings, wal: Any = None, history: HistoryLink | None = None,
-        recovered: tuple[dict[str, Task], Counters] | None = None, registry: Any = None,
+        recovered: tuple[dict[str, TaskRecord], Counters] | None = None, registry: Any = None,
         metrics: BrokerMetrics | None = None, ops_state: OpsState | None = None,
     ) -> None:
         super().__init__()
@@ -162,7 +162,7 @@ class QueueActor(HubActor):
         self.history.notify = self.actor_ref.tell
         self.every(TICK_INTERVAL_S, Tick())
 
-    def _load(self, tasks: dict[str, Task], counters: Counters) -> None:
+    def _load(self, tasks: dict[str, TaskRecord], counters: Counters) -> None:
         """Rebuilds the indexes from recovered tasks; pending order is kept by ready_seq."""
         self.counters = counters
         for n, task in enumerate(sorted(tasks.values(), key=lambda t: t.ready_seq)):
@@ -386,7 +386,7 @@ class QueueActor(HubActor):
                                               message=f"no task with id {task_id}"))
             return
 
-        def answer(task: Task | None, failure: str | None) -> Message:
+        def answer(task: TaskRecord | None, failure: str | None) -> Message:
             if failure is not None:
                 return Error(id=request_id, code=ErrorCode.UNAVAILABLE,
                              message=f"task {task_id} is not live and task history cannot be read right now "
@@ -433,7 +433,7 @@ class QueueActor(HubActor):
             self.metrics.leases_expired.inc()
             self._lose_run(task, "lease expired", now)
 
-    def _lose_run(self, task: Task, reason: str, now: float) -> None:
+    def _lose_run(self, task: TaskRecord, reason: str, now: float) -> None:
         self.ready_seq += 1
         self._change(task, states.run_lost(task, reason, now, self.ready_seq))
 
@@ -550,7 +550,7 @@ class QueueActor(HubActor):
 
     # ------------------------------------------------------------ applying changes, replying
 
-    def _change(self, task: Task, record: WalRecord) -> None:
+    def _change(self, task: TaskRecord, record: WalRecord) -> None:
         """Applies one state-machine record to the task and the indexes, and queues it for the WAL."""
         self.index.leave(task)
         record = self.ops.keep_dead(record)  # failed for good: TaskDied keeps it in the dead set
@@ -567,7 +567,7 @@ class QueueActor(HubActor):
         if task.state == TaskState.PENDING:
             self.waiters.serve(task.queue, time.time())
 
-    def _finished(self, task: Task) -> None:
+    def _finished(self, task: TaskRecord) -> None:
         self.index.forget(task)
         self.payload_bytes -= len(task.payload)
         self.metrics.count_finished(task.queue, task.state)

@@ -14,7 +14,7 @@ from actors import cron_admin
 from actors import task_states as states
 from actors.answers import task_info
 from actors.browse import live_page
-from storage.model import DeadRemoved, QueueSettingsSet, Task, TasksRequeued, TaskState, apply_record
+from storage.model import DeadRemoved, QueueSettingsSet, TaskRecord, TasksRequeued, TaskState, apply_record
 from transport.messages import Error, ErrorCode, Message, Ok, TaskInfo
 from transport.messages_ops import (
     Browse,
@@ -85,7 +85,7 @@ def on_purge(a: Actor, req: Purge, reply_to: Any, now: float) -> Message:
 # ---------------------------------------------------------------- dead set: requeue, delete, list
 
 
-def _chosen_dead(a: Actor, req: Requeue | DeleteDead) -> list[Task] | Error:
+def _chosen_dead(a: Actor, req: Requeue | DeleteDead) -> list[TaskRecord] | Error:
     if req.task_id is not None:
         task = a.index.tasks.get(req.task_id)
         if task is None or req.task_id not in a.ops.dead:

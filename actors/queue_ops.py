@@ -24,9 +24,9 @@ from storage.model import (
     QueueSettings,
     QueueSettingsSet,
     ScheduleSet,
-    Task,
     TaskDied,
     TaskFinished,
+    TaskRecord,
     TaskState,
     WalRecord,
 )
@@ -96,14 +96,14 @@ class QueueOps:
         bucket = self.buckets.get(queue)
         return bucket is None or bucket.available(now) >= 1
 
-    def claim_order(self, index: TaskIndex, queues: list[str], limit: int, now: float) -> list[Task]:
+    def claim_order(self, index: TaskIndex, queues: list[str], limit: int, now: float) -> list[TaskRecord]:
         """`index.claim_order` minus paused queues and within each queue's rate limit (one token a task)."""
         if not self.settings:
             return index.claim_order(queues, limit)
         open_queues = [q for q in dict.fromkeys(queues) if not self.paused(q)]
         if not any(q in self.buckets for q in open_queues):
             return index.claim_order(open_queues, limit)
-        chosen: list[Task] = []
+        chosen: list[TaskRecord] = []
         throttled = False
         while len(chosen) < limit:
             allowed = []
@@ -149,7 +149,7 @@ class QueueOps:
         for task_id in task_ids:
             self.dead.pop(task_id, None)
 
-    def over_bounds(self, tasks: dict[str, Task], now: float) -> list[str]:
+    def over_bounds(self, tasks: dict[str, TaskRecord], now: float) -> list[str]:
         """Dead task ids past the count bound or older than the retention, oldest first."""
         excess = len(self.dead) - self.dead_max
         cutoff = now - self.dead_retention_s
@@ -163,11 +163,11 @@ class QueueOps:
                 break  # oldest death first: the rest are newer and within the count
         return out
 
-    def matching_dead(self, tasks: dict[str, Task], queue: str | None, kind: str | None) -> list[Task]:
+    def matching_dead(self, tasks: dict[str, TaskRecord], queue: str | None, kind: str | None) -> list[TaskRecord]:
         return [t for t in (tasks[i] for i in self.dead if i in tasks)
                 if (queue is None or t.queue == queue) and (kind is None or t.kind == kind)]
 
-    def dead_counts(self, tasks: dict[str, Task]) -> dict[str, int]:
+    def dead_counts(self, tasks: dict[str, TaskRecord]) -> dict[str, int]:
         counts: dict[str, int] = {}
         for task_id in self.dead:
             task = tasks.get(task_id)

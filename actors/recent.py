@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from storage.model import Task
+from storage.model import TaskRecord
 
-TASK_OVERHEAD_BYTES = 600  # a Task struct, its id/strings and the dict slot, about, besides its blobs
+TASK_OVERHEAD_BYTES = 600  # a TaskRecord struct, its id/strings and the dict slot, about, besides its blobs
 
 
-def task_bytes(task: Task) -> int:
+def task_bytes(task: TaskRecord) -> int:
     """What keeping `task` costs, about: its blobs plus TASK_OVERHEAD_BYTES."""
     return TASK_OVERHEAD_BYTES + len(task.payload) + len(task.result or b"") + len(task.error or "")
 
@@ -22,15 +22,15 @@ class RecentTasks:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._tasks: OrderedDict[str, Task] = OrderedDict()
+        self._tasks: OrderedDict[str, TaskRecord] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def get(self, task_id: str) -> Task | None:
+    def get(self, task_id: str) -> TaskRecord | None:
         return self._tasks.get(task_id)
 
-    def add(self, task: Task) -> None:
+    def add(self, task: TaskRecord) -> None:
         old = self._tasks.pop(task.task_id, None)
         if old is not None:
             self.bytes -= task_bytes(old)

@@ -1,7 +1,7 @@
 """The queue actor's snapshot image, copied a slice per message so a snapshot never pauses the hub.
 
 Contract (why a fuzzy image recovers the exact state). At `start` the WAL has just rotated to segment S
-and the image takes the counters and a list of references to the Task objects live at that point (one C
+and the image takes the counters and a list of references to the TaskRecord objects live at that point (one C
 call). Each `copy_slice` later copies the next COPY_SLICE_TASKS of them (`msgspec.structs.replace`); other
 messages run in between, so task i is copied at some time c_i after the rotation, with every change made
 up to c_i. Recovery loads the image and replays every record of segments >= S with
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import msgspec
 
-from storage.model import Counters, Task
+from storage.model import Counters, TaskRecord
 
 COPY_SLICE_TASKS = 20_000  # tasks copied per queue-actor message: ~7 ms at 100-byte payloads
 
@@ -35,14 +35,14 @@ class SnapshotImage:
     """References to the tasks live at one WAL rotation, handed out as copies slice by slice."""
 
     def __init__(self) -> None:
-        self._tasks: list[Task] = []
+        self._tasks: list[TaskRecord] = []
 
-    def start(self, live: dict[str, Task], counters: Counters) -> tuple[Counters, int]:
+    def start(self, live: dict[str, TaskRecord], counters: Counters) -> tuple[Counters, int]:
         """Begins a new image (dropping any unfinished one); returns the counters and task count."""
         self._tasks = list(live.values())
         return msgspec.structs.replace(counters), len(self._tasks)
 
-    def copy_slice(self, start: int) -> list[Task]:
+    def copy_slice(self, start: int) -> list[TaskRecord]:
         """Copies of the image's tasks from `start` (at most COPY_SLICE_TASKS; empty past the end)."""
         copy = msgspec.structs.replace
         return [copy(t) for t in self._tasks[start:start + COPY_SLICE_TASKS]]

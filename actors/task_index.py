@@ -15,13 +15,13 @@ import heapq
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from storage.model import Task, TaskState
+from storage.model import TaskRecord, TaskState
 from transport.messages import QueueStats, priority_tier
 
 _TIER_SLOT = {"high": 3, "normal": 4, "low": 5}
 STALE_SLACK = 1024  # stale entries a heap may hold beyond its live ones before it is rebuilt
 
-_Entry = tuple[Any, int, Task]
+_Entry = tuple[Any, int, TaskRecord]
 
 
 def _pending_live(entry: _Entry) -> bool:
@@ -63,13 +63,13 @@ class TaskIndex:
     """Indexes kept in step with every state change through `enter` and `leave`."""
 
     def __init__(self) -> None:
-        self.tasks: dict[str, Task] = {}
+        self.tasks: dict[str, TaskRecord] = {}
         self.counts: dict[str, QueueCounts] = {}
         self.by_worker: dict[str, set[str]] = {}
         self.unique: dict[tuple[str, str], str] = {}
-        self._pending: dict[str, list[tuple[int, int, Task]]] = {}
-        self._scheduled: list[tuple[float, int, Task]] = []
-        self._leases: list[tuple[float, int, Task]] = []
+        self._pending: dict[str, list[tuple[int, int, TaskRecord]]] = {}
+        self._scheduled: list[tuple[float, int, TaskRecord]] = []
+        self._leases: list[tuple[float, int, TaskRecord]] = []
         self._tiebreak = 0
         self.pending_total = 0
         self.scheduled_total = 0
@@ -77,7 +77,7 @@ class TaskIndex:
 
     # ------------------------------------------------------------ keeping in step
 
-    def enter(self, task: Task) -> None:
+    def enter(self, task: TaskRecord) -> None:
         """Index `task` under its current state (after a change, or when it is first added)."""
         counts = self.counts.get(task.queue)
         if counts is None:
@@ -105,7 +105,7 @@ class TaskIndex:
             workers.add(task.task_id)
             values[2] += 1
 
-    def leave(self, task: Task) -> None:
+    def leave(self, task: TaskRecord) -> None:
         """Un-count `task` from its current state (before a change); heap entries go stale."""
         values = self.counts[task.queue].values
         state = task.state
@@ -125,11 +125,11 @@ class TaskIndex:
             values[2] -= 1
             self.running_total -= 1
 
-    def add_unique(self, task: Task) -> None:
+    def add_unique(self, task: TaskRecord) -> None:
         if task.unique_key is not None:
             self.unique[(task.queue, task.unique_key)] = task.task_id
 
-    def forget(self, task: Task) -> None:
+    def forget(self, task: TaskRecord) -> None:
         """A task left the live set (terminal): drop its unique key and empty per-queue entries."""
         if task.unique_key is not None and self.unique.get((task.queue, task.unique_key)) == task.task_id:
             del self.unique[(task.queue, task.unique_key)]
@@ -140,7 +140,7 @@ class TaskIndex:
             if heap is not None and not self._live_head(heap):
                 del self._pending[task.queue]
 
-    def push_lease(self, task: Task) -> None:
+    def push_lease(self, task: TaskRecord) -> None:
         """Indexes a running task's (new) lease expiry; the entry for its old one goes stale."""
         self._tiebreak += 1
         self._leases = _push(self._leases, (task.lease_expires_at or 0.0, self._tiebreak, task), self.running_total,
@@ -153,7 +153,7 @@ class TaskIndex:
     # ------------------------------------------------------------ queries
 
     @staticmethod
-    def _live_head(heap: list[tuple[int, int, Task]]) -> Task | None:
+    def _live_head(heap: list[tuple[int, int, TaskRecord]]) -> TaskRecord | None:
         """The best pending task of one queue's heap, dropping stale entries on the way."""
         while heap:
             if _pending_live(heap[0]):
@@ -164,12 +164,12 @@ class TaskIndex:
     def has_pending(self, queues: Iterable[str]) -> bool:
         return any(self.counts.get(q) is not None and self.counts[q].values[0] > 0 for q in queues)
 
-    def claim_order(self, queues: list[str], limit: int) -> list[Task]:
+    def claim_order(self, queues: list[str], limit: int) -> list[TaskRecord]:
         """Up to `limit` pending tasks from `queues`: highest priority first, then FIFO by ready_seq.
 
         The tasks are removed from the pending heaps; the caller moves each to running.
         """
-        chosen: list[Task] = []
+        chosen: list[TaskRecord] = []
         heaps = [self._pending[q] for q in dict.fromkeys(queues) if q in self._pending]
         while len(chosen) < limit and heaps:
             best_heap = None
@@ -186,9 +186,9 @@ class TaskIndex:
             chosen.append(heapq.heappop(best_heap)[2])
         return chosen
 
-    def due_scheduled(self, now: float) -> list[Task]:
+    def due_scheduled(self, now: float) -> list[TaskRecord]:
         """Scheduled tasks whose run_at has come, in run_at order."""
-        due: list[Task] = []
+        due: list[TaskRecord] = []
         heap = self._scheduled
         while heap and heap[0][0] <= now:
             entry = heapq.heappop(heap)
@@ -196,9 +196,9 @@ class TaskIndex:
                 due.append(entry[2])
         return due
 
-    def expired_leases(self, now: float) -> list[Task]:
+    def expired_leases(self, now: float) -> list[TaskRecord]:
         """Running tasks whose lease ran out before `now`."""
-        expired: list[Task] = []
+        expired: list[TaskRecord] = []
         heap = self._leases
         while heap and heap[0][0] < now:
             entry = heapq.heappop(heap)

@@ -25,7 +25,7 @@ import random
 import sys
 import time
 
-from storage.model import Task, TaskChanged, TaskFinished, TaskState, TaskSubmitted
+from storage.model import TaskChanged, TaskFinished, TaskRecord, TaskState, TaskSubmitted
 from transport.backoff import backoff_delay
 from transport.messages import TaskSpec, priority_value
 
@@ -60,7 +60,7 @@ def new_task(
     """A submitted task: `scheduled` while its run_at is in the future, else `pending`."""
     run_at = now if spec.run_at is None else spec.run_at
     state = TaskState.SCHEDULED if run_at > now else TaskState.PENDING
-    task = Task(
+    task = TaskRecord(
         task_id=task_id,
         queue=sys.intern(spec.queue),  # one copy per distinct name, not one per task
         kind=sys.intern(spec.kind),
@@ -78,7 +78,7 @@ def new_task(
     return TaskSubmitted(task=task)
 
 
-def _changed(task: Task, **fields: object) -> TaskChanged:
+def _changed(task: TaskRecord, **fields: object) -> TaskChanged:
     """A TaskChanged carrying the task's current mutable fields, with `fields` replacing some."""
     values: dict[str, object] = {
         "task_id": task.task_id,
@@ -95,12 +95,12 @@ def _changed(task: Task, **fields: object) -> TaskChanged:
     return TaskChanged(**values)  # type: ignore[arg-type]
 
 
-def promote(task: Task, ready_seq: int) -> TaskChanged:
+def promote(task: TaskRecord, ready_seq: int) -> TaskChanged:
     """A scheduled task whose run_at came: pending, queued behind what is pending already."""
     return _changed(task, state=TaskState.PENDING, ready_seq=ready_seq)
 
 
-def claim(task: Task, worker_id: str, now: float) -> TaskChanged:
+def claim(task: TaskRecord, worker_id: str, now: float) -> TaskChanged:
     """A pending task handed to a worker: one more attempt, leased for the task's lease_ms."""
     return _changed(
         task,
@@ -112,7 +112,7 @@ def claim(task: Task, worker_id: str, now: float) -> TaskChanged:
     )
 
 
-def complete(task: Task, result: bytes | None, now: float) -> TaskFinished:
+def complete(task: TaskRecord, result: bytes | None, now: float) -> TaskFinished:
     return TaskFinished(
         task_id=task.task_id, state=TaskState.COMPLETED, attempts=task.attempts, finished_at=now,
         worker_id=task.worker_id, result=result, error=None,
@@ -126,7 +126,7 @@ def retry_delay_ms(attempts: int, base_ms: int, max_ms: int, rng: random.Random 
 
 
 def fail(
-    task: Task, error: str | None, retry: bool, now: float, base_ms: int, max_ms: int
+    task: TaskRecord, error: str | None, retry: bool, now: float, base_ms: int, max_ms: int
 ) -> TaskChanged | TaskFinished:
     """A run that reported failure: retried after backoff while attempts ≤ max_retries, else failed."""
     if retry and task.attempts <= task.max_retries:
@@ -141,7 +141,7 @@ def fail(
     )
 
 
-def run_lost(task: Task, reason: str, now: float, ready_seq: int) -> TaskChanged | TaskFinished:
+def run_lost(task: TaskRecord, reason: str, now: float, ready_seq: int) -> TaskChanged | TaskFinished:
     """A run that ended without a result (lease expired, worker dead): the run counts.
 
     Pending again at once while attempts ≤ max_retries, else failed with `reason` as its error.
@@ -157,7 +157,7 @@ def run_lost(task: Task, reason: str, now: float, ready_seq: int) -> TaskChanged
     )
 
 
-def returned(task: Task, ready_seq: int) -> TaskChanged:
+def returned(task: TaskRecord, ready_seq: int) -> TaskChanged:
     """A running task its worker gave back on DEREGISTER: pending at once, the run un-counted."""
     return _changed(
         task, state=TaskState.PENDING, attempts=max(task.attempts - 1, 0), ready_seq=ready_seq,
@@ -165,7 +165,7 @@ def returned(task: Task, ready_seq: int) -> TaskChanged:
     )
 
 
-def cancel(task: Task, now: float) -> TaskFinished:
+def cancel(task: TaskRecord, now: float) -> TaskFinished:
     """Only pending or scheduled tasks may be cancelled; the caller checks `can_cancel` first."""
     return TaskFinished(
         task_id=task.task_id, state=TaskState.CANCELLED, attempts=task.attempts, finished_at=now,
@@ -173,10 +173,10 @@ def cancel(task: Task, now: float) -> TaskFinished:
     )
 
 
-def can_cancel(task: Task) -> bool:
+def can_cancel(task: TaskRecord) -> bool:
     return task.state in (TaskState.PENDING, TaskState.SCHEDULED)
 
 
-def holds_lease(task: Task, worker_id: str) -> bool:
+def holds_lease(task: TaskRecord, worker_id: str) -> bool:
     """Whether `worker_id` may report on or renew `task` right now."""
     return task.state == TaskState.RUNNING and task.worker_id == worker_id

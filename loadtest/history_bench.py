@@ -27,7 +27,7 @@ from loadtest.bench_procs import HOST, ROOT, free_port, wait_listening
 from storage.database import Database
 from storage.db_process import DatabaseProcess
 from storage.history_ids import KEY_SQL
-from storage.model import Task
+from storage.model import TaskRecord
 from transport import messages as m
 from transport.client import Client
 from transport.errors import NotFound
@@ -125,11 +125,11 @@ def appends(path: Path, batches: int) -> tuple[float, float]:
             gevent.sleep(0.001)
             gaps.append(time.perf_counter() - before - 0.001)
 
-    def tasks(b: int) -> list[Task]:
-        return [Task(task_id=f"{int(now * 1000):011x}{b:010x}{n:06x}", queue="default", kind="bench.echo",
-                     payload=b"x" * 100, priority=100, state="completed", attempts=1, max_retries=3, lease_ms=30000,
-                     submitted_at=now, run_at=now, started_at=now, finished_at=now + n / 1e6, worker_id="w",
-                     result=b"ok") for n in range(APPEND_BATCH)]
+    def tasks(b: int) -> list[TaskRecord]:
+        return [TaskRecord(task_id=f"{int(now * 1000):011x}{b:010x}{n:06x}", queue="default", kind="bench.echo",
+                           payload=b"x" * 100, priority=100, state="completed", attempts=1, max_retries=3,
+                           lease_ms=30000, submitted_at=now, run_at=now, started_at=now, finished_at=now + n / 1e6,
+                           worker_id="w", result=b"ok") for n in range(APPEND_BATCH)]
 
     prepared = [tasks(b) for b in range(batches)]
     running = gevent.spawn(ticker)

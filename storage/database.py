@@ -41,7 +41,7 @@ _INTERRUPT_GRACE_SECONDS = 5.0
 
 # Schema, one entry per version. Never edit a released entry: add the next version instead.
 # task_history columns are documented in storage.history.HISTORY_COLUMNS_DOC (a test keeps them equal);
-# snapshot_tasks has snapshot_id plus one column per storage.model.Task field, in field order.
+# snapshot_tasks has snapshot_id plus one column per storage.model.TaskRecord field, in field order.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         """CREATE TABLE task_history (

@@ -29,7 +29,7 @@ import msgspec
 
 from storage import db_wire
 from storage.errors import QueryResult, StorageCorrupt, StorageError
-from storage.model import Counters, Task
+from storage.model import Counters, TaskRecord
 
 log = logging.getLogger("tqbroker.storage")
 
@@ -45,8 +45,8 @@ SNAPSHOT_SLICE_BYTES = 64 << 20  # payload bytes per snapshot slice (about): bou
 TASK_OVERHEAD_BYTES = 256  # a task's encoded fields besides its payload, roughly, for slicing
 DECODE_SLICE = 20_000  # tasks decoded per step when loading a snapshot, between yields to the hub
 
-_TASK = msgspec.msgpack.Decoder(Task)
-_TASK_LIST = msgspec.msgpack.Decoder(list[Task])
+_TASK = msgspec.msgpack.Decoder(TaskRecord)
+_TASK_LIST = msgspec.msgpack.Decoder(list[TaskRecord])
 _RAW_LIST = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _ENCODER = msgspec.msgpack.Encoder()
 
@@ -244,22 +244,22 @@ class HistoryClient:
     def __init__(self, process: DatabaseProcess) -> None:
         self._process = process
 
-    def append(self, tasks: Sequence[Task], batch_id: str = "") -> None:
+    def append(self, tasks: Sequence[TaskRecord], batch_id: str = "") -> None:
         """storage.history.TaskHistory.append: a batch id already committed is not written again."""
         if tasks:
             self._process.call("append", msgspec.msgpack.encode(list(tasks)), batch_id)
 
-    def append_dedup(self, tasks: Sequence[Task]) -> None:
+    def append_dedup(self, tasks: Sequence[TaskRecord]) -> None:
         if tasks:
             self._process.call("append_dedup", msgspec.msgpack.encode(list(tasks)))
 
-    def get(self, task_id: str, timeout: float | None = None) -> Task | None:
+    def get(self, task_id: str, timeout: float | None = None) -> TaskRecord | None:
         """The finished task or None; StorageError when no answer came within `timeout` (default
         REPLY_MARGIN_S) or the process failed."""
         blob = self._process.call("get", task_id, timeout=timeout or REPLY_MARGIN_S)
         return None if blob is None else _TASK.decode(blob)
 
-    def get_many(self, task_ids: Sequence[str], timeout: float | None = None) -> dict[str, Task]:
+    def get_many(self, task_ids: Sequence[str], timeout: float | None = None) -> dict[str, TaskRecord]:
         """storage.history.TaskHistory.get_many (one scan for all ids); StorageError as `get`."""
         if not task_ids:
             return {}
@@ -292,7 +292,7 @@ class SnapshotClient:
     def __init__(self, process: DatabaseProcess) -> None:
         self._process = process
 
-    def write(self, tasks: Sequence[Task], counters: Counters, wal_segment: int,
+    def write(self, tasks: Sequence[TaskRecord], counters: Counters, wal_segment: int,
               slice_bytes: int = SNAPSHOT_SLICE_BYTES) -> int:
         """Writes `tasks` as the only snapshot: `begin`, one `append`, `commit`; returns the snapshot id.
         `tasks` must not change while this runs (the queue actor hands over copies)."""
@@ -304,7 +304,7 @@ class SnapshotClient:
         """A new snapshot id to stage slices under (storage.snapshots `SnapshotStore.begin`)."""
         return int(self._process.call("snapshot_begin"))
 
-    def append(self, snapshot_id: int, tasks: Sequence[Task], slice_bytes: int = SNAPSHOT_SLICE_BYTES) -> None:
+    def append(self, snapshot_id: int, tasks: Sequence[TaskRecord], slice_bytes: int = SNAPSHOT_SLICE_BYTES) -> None:
         """Stages `tasks` in slices of at most SNAPSHOT_SLICE_TASKS tasks and about `slice_bytes` of payload
         (one task bigger than that is a slice of its own): neither process holds more than a slice encoded."""
         for piece in _slices(tasks, slice_bytes):
@@ -316,7 +316,7 @@ class SnapshotClient:
         return int(self._process.call("snapshot_commit", snapshot_id, list(msgspec.structs.astuple(counters)),
                                       wal_segment, task_count))
 
-    def load_latest(self) -> tuple[list[Task], Counters, int] | None:
+    def load_latest(self) -> tuple[list[TaskRecord], Counters, int] | None:
         """(tasks, counters, wal_segment) of the newest snapshot, or None. The database process sends one
         slice table at a time and each slice's bytes are dropped once decoded: the broker holds the tasks
         and one slice, never the encoded image."""
@@ -324,12 +324,12 @@ class SnapshotClient:
         if head is None:
             return None
         snapshot_id, counter_values, wal_segment, task_count, tables = head
-        tasks: list[Task] = []
+        tasks: list[TaskRecord] = []
         for table in tables:
             _, blob = self._process.call_attached("snapshot_slice_load", snapshot_id, table)
             try:
                 tasks += decode_tasks(blob)
-            except msgspec.MsgspecError as exc:  # a row DuckDB read back without complaint, but not a Task
+            except msgspec.MsgspecError as exc:  # a row DuckDB read back without complaint, but not a TaskRecord
                 raise StorageCorrupt(f"database {self._process.path} is damaged: a task of the latest snapshot "
                                      f"does not decode ({exc}); restore the file from a backup") from None
             del blob
@@ -339,7 +339,7 @@ class SnapshotClient:
         return tasks, Counters(*counter_values), int(wal_segment)
 
 
-def _slices(tasks: Sequence[Task], slice_bytes: int) -> Iterator[Sequence[Task]]:
+def _slices(tasks: Sequence[TaskRecord], slice_bytes: int) -> Iterator[Sequence[TaskRecord]]:
     start, size = 0, 0
     for end, task in enumerate(tasks):
         if end > start and (end - start >= SNAPSHOT_SLICE_TASKS or size + len(task.payload) > slice_bytes):
@@ -350,11 +350,11 @@ def _slices(tasks: Sequence[Task], slice_bytes: int) -> Iterator[Sequence[Task]]
         yield tasks[start:]
 
 
-def decode_tasks(blob: bytes | bytearray) -> list[Task]:
+def decode_tasks(blob: bytes | bytearray) -> list[TaskRecord]:
     """Decodes a msgpack list of tasks in slices, letting other greenlets (/healthz) run between them:
     one call for a million tasks would hold the hub for seconds."""
     raws = _RAW_LIST.decode(blob)
-    tasks: list[Task] = []
+    tasks: list[TaskRecord] = []
     for start in range(0, len(raws), DECODE_SLICE):
         tasks += [_TASK.decode(raw) for raw in raws[start:start + DECODE_SLICE]]
         gevent.sleep(0)

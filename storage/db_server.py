@@ -34,10 +34,10 @@ from storage import db_wire
 from storage.database import Database
 from storage.errors import StorageError
 from storage.history import DEFAULT_QUERY_MAX_BYTES, TaskHistory
-from storage.model import Counters, Task
+from storage.model import Counters, TaskRecord
 from storage.snapshots import SnapshotStore
 
-_TASKS = msgspec.msgpack.Decoder(list[Task])
+_TASKS = msgspec.msgpack.Decoder(list[TaskRecord])
 _PR_SET_PDEATHSIG = 1
 _TAKE_ATTACHMENT = frozenset({"snapshot_write", "snapshot_slice"})
 _HANDLER_THREADS = 8  # requests in progress at once: more wait in the pool's queue

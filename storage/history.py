@@ -25,7 +25,7 @@ import duckdb
 from storage.database import Database, fetch_one, transaction
 from storage.errors import QueryResult, StorageCorrupt
 from storage.history_ids import ID_CLOCK_SLACK_S, id_key, id_time
-from storage.model import Task
+from storage.model import TaskRecord
 from storage.query import QUERY_MAX_ROWS, run_query
 
 DEFAULT_QUERY_MAX_BYTES = 16 * 1024 * 1024 - 64 * 1024  # the default frame limit less room for the header
@@ -114,7 +114,7 @@ class TaskHistory:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def append(self, tasks: Sequence[Task], batch_id: str = "") -> None:
+    def append(self, tasks: Sequence[TaskRecord], batch_id: str = "") -> None:
         """Appends terminal tasks (one transaction); runs on the writer thread.
 
         With a `batch_id`, the id is recorded in history_batches in the same transaction, and a batch
@@ -122,18 +122,18 @@ class TaskHistory:
         if tasks:
             self._db.run_write(_insert_tasks, tasks, False, batch_id)
 
-    def append_dedup(self, tasks: Sequence[Task]) -> None:
+    def append_dedup(self, tasks: Sequence[TaskRecord]) -> None:
         """Like append, skipping task_ids already present: after a crash the WAL replays tasks whose
         history batch may already have been written."""
         if tasks:
             self._db.run_write(_insert_tasks, tasks, True, "")
 
-    def get(self, task_id: str, timeout: float | None = None) -> Task | None:
+    def get(self, task_id: str, timeout: float | None = None) -> TaskRecord | None:
         """The finished task, or None. `payload` is b"" and `lease_ms` 0: history does not keep them."""
         with _naming_history():
             return self._db.run_read(_get_task, task_id, timeout=timeout)
 
-    def get_many(self, task_ids: Sequence[str], timeout: float | None = None) -> dict[str, Task]:
+    def get_many(self, task_ids: Sequence[str], timeout: float | None = None) -> dict[str, TaskRecord]:
         """The finished tasks among `task_ids` (one scan for all of them), by id; ids not found are absent."""
         if not task_ids:
             return {}
@@ -178,7 +178,7 @@ def _naming_history() -> Iterator[None]:
 # ---------------------------------------------------------------------- thread-side functions
 
 
-def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup: bool, batch_id: str) -> None:
+def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[TaskRecord], dedup: bool, batch_id: str) -> None:
     rows = [
         (
             t.task_id, t.queue, t.kind, t.priority, t.state, t.attempts, t.max_retries, t.worker_id,
@@ -204,11 +204,11 @@ def _insert_tasks(conn: duckdb.DuckDBPyConnection, tasks: Sequence[Task], dedup:
             conn.execute("INSERT INTO history_batches VALUES ($1, epoch(now()), $2)", [batch_id, len(rows)])
 
 
-def _get_task(cursor: duckdb.DuckDBPyConnection, task_id: str) -> Task | None:
+def _get_task(cursor: duckdb.DuckDBPyConnection, task_id: str) -> TaskRecord | None:
     return _get_tasks(cursor, [task_id]).get(task_id)
 
 
-def _get_tasks(cursor: duckdb.DuckDBPyConnection, task_ids: list[str]) -> dict[str, Task]:
+def _get_tasks(cursor: duckdb.DuckDBPyConnection, task_ids: list[str]) -> dict[str, TaskRecord]:
     """Ensures: the latest row (by finished_at) of each id found, for ids of any format.
 
     An id with a key is looked up in history_keys first (row groups pruned by id_key), then in
@@ -233,7 +233,7 @@ def _get_tasks(cursor: duckdb.DuckDBPyConnection, task_ids: list[str]) -> dict[s
         times = [id_time(task_id) for task_id in unkeyed]
         since = 0.0 if None in times else min(t for t in times if t is not None) - ID_CLOCK_SLACK_S
         rows += cursor.execute(_GET_UNKEYED, [unkeyed, max(since, 0.0)]).fetchall()
-    tasks: dict[str, Task] = {}
+    tasks: dict[str, TaskRecord] = {}
     for row in rows:
         task = _task_of(row)
         old = tasks.get(task.task_id)
@@ -242,10 +242,10 @@ def _get_tasks(cursor: duckdb.DuckDBPyConnection, task_ids: list[str]) -> dict[s
     return tasks
 
 
-def _task_of(row: Any) -> Task:
+def _task_of(row: Any) -> TaskRecord:
     (tid, queue, kind, priority, state, attempts, max_retries, worker_id,
      submitted_us, run_us, started_us, finished_us, error, result) = row
-    return Task(
+    return TaskRecord(
         task_id=tid, queue=queue, kind=kind, payload=b"", priority=priority, state=state,
         attempts=attempts, max_retries=max_retries, lease_ms=0,
         submitted_at=_seconds(submitted_us) or 0.0, run_at=_seconds(run_us) or 0.0,

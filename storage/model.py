@@ -26,7 +26,7 @@ class TaskState:
     TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 
 
-class Task(Struct, gc=False):
+class TaskRecord(Struct, gc=False):
     """One task. Mutable: only the queue actor changes it, and snapshots copy it first."""
 
     task_id: str
@@ -74,7 +74,7 @@ class Counters(Struct, gc=False):
 class TaskSubmitted(Struct, tag="submitted", gc=False):
     """A new task, whole. Replay: insert it; counts toward submitted_total."""
 
-    task: Task
+    task: TaskRecord
 
 
 class TaskChanged(Struct, tag="changed", gc=False):
@@ -194,9 +194,9 @@ WalRecord = (
 
 
 def apply_record(
-    record: WalRecord, tasks: dict[str, Task], counters: Counters, ops: OpsState | None = None,
+    record: WalRecord, tasks: dict[str, TaskRecord], counters: Counters, ops: OpsState | None = None,
     *, as_written: bool = False,
-) -> Task | None:
+) -> TaskRecord | None:
     """Replays one record onto `tasks` (and `ops`: queue settings, schedules); returns the task it finished.
 
     Records for tasks that are not live (already finished before the snapshot) are skipped. For
@@ -249,8 +249,8 @@ def apply_record(
 
 def apply_queue_op(
     record: TaskDied | DeadRemoved | TasksRequeued | QueueSettingsSet | ScheduleSet | ScheduleRemoved,
-    tasks: dict[str, Task], counters: Counters, ops: OpsState | None, *, as_written: bool = False,
-) -> Task | None:
+    tasks: dict[str, TaskRecord], counters: Counters, ops: OpsState | None, *, as_written: bool = False,
+) -> TaskRecord | None:
     """The queue-operation records (dead set, requeue, queue settings, schedules) of `apply_record`."""
     if isinstance(record, QueueSettingsSet | ScheduleSet | ScheduleRemoved):
         if ops is not None:

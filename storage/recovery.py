@@ -18,7 +18,7 @@ import gevent
 import msgspec
 
 from storage.errors import StorageCorrupt
-from storage.model import Counters, OpsState, Task, apply_record
+from storage.model import Counters, OpsState, TaskRecord, apply_record
 from storage.wal import list_segments, read_segments, wal_directory
 
 log = logging.getLogger("tqbroker.recovery")
@@ -27,8 +27,8 @@ log = logging.getLogger("tqbroker.recovery")
 class RecoveredState(msgspec.Struct):
     """What the broker starts from."""
 
-    tasks: dict[str, Task]  # live tasks by id
-    finished: list[Task]  # finished by replayed records: append to history with dedupe
+    tasks: dict[str, TaskRecord]  # live tasks by id
+    finished: list[TaskRecord]  # finished by replayed records: append to history with dedupe
     counters: Counters
     next_segment: int  # open the WAL at this segment number
     replayed_records: int
@@ -42,10 +42,10 @@ YIELD_EVERY_RECORDS = 5_000
 class SnapshotSource(Protocol):
     """SnapshotStore in this process, or SnapshotClient of the database process."""
 
-    def load_latest(self) -> tuple[list[Task], Counters, int] | None: ...
+    def load_latest(self) -> tuple[list[TaskRecord], Counters, int] | None: ...
 
 
-def _load_snapshot(snapshots: SnapshotSource) -> tuple[list[Task], Counters, int] | None:
+def _load_snapshot(snapshots: SnapshotSource) -> tuple[list[TaskRecord], Counters, int] | None:
     """The latest snapshot; a damaged one stops the start (StorageCorrupt naming the DuckDB file)."""
     try:
         return snapshots.load_latest()
@@ -68,13 +68,13 @@ def recover(data_dir: Path, snapshots: SnapshotSource, *, accept_wal_damage: boo
     wal_dir = wal_directory(data_dir)
     loaded = _load_snapshot(snapshots)
     if loaded is None:
-        tasks: dict[str, Task] = {}
+        tasks: dict[str, TaskRecord] = {}
         counters, from_segment, snapshot_tasks = Counters(), 1, 0
     else:
         task_list, counters, from_segment = loaded
         tasks = {task.task_id: task for task in task_list}
         snapshot_tasks = len(task_list)
-    finished: list[Task] = []
+    finished: list[TaskRecord] = []
     ops = OpsState()
     replayed = 0
     for record in read_segments(wal_dir, from_segment, accept_damage=accept_wal_damage):

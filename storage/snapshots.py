@@ -9,13 +9,13 @@ are staged in snapshot_tasks under a new snapshot_id that nothing reads until `c
 `snapshots` row and deletes the older snapshot in one transaction. At any moment exactly one complete snapshot exists.
 
 Speed (measured here, DuckDB 2.0, 100-byte payloads, see the module tests and README):
-- The caller hands over one `msgspec.msgpack.encode(list[Task])` blob (a consistent copy, made in
-  one C call). Decoding that blob as `list[Task]` in one call takes ~2.3 s per million tasks and
+- The caller hands over one `msgspec.msgpack.encode(list[TaskRecord])` blob (a consistent copy, made in
+  one C call). Decoding that blob as `list[TaskRecord]` in one call takes ~2.3 s per million tasks and
   holds the GIL throughout, freezing every greenlet; decoding it as `list[Raw]` and then each
   element in slices takes ~1 s and lets the hub run between slices (gaps under 0.2 s).
 - Rows go in through DuckDB's appender (~340k rows/s; `INSERT ... SELECT unnest(...)` managed ~60k
   rows/s for these 20 columns and held the GIL for the whole conversion).
-- Loading streams rows with `fetchmany` into `Task(*row)`: a million tasks in about 2 s. The database
+- Loading streams rows with `fetchmany` into `TaskRecord(*row)`: a million tasks in about 2 s. The database
   process sends the broker one slice table at a time (`latest_slices`, `slice_blob`), so neither
   process holds more than one slice's bytes of the image (docs/performance.md, Snapshots).
 """
@@ -30,20 +30,20 @@ import msgspec
 
 from storage.database import Database, StorageError, fetch_one, transaction
 from storage.errors import StorageCorrupt
-from storage.model import Counters, Task
+from storage.model import Counters, TaskRecord
 
 SNAPSHOT_FORMAT_VERSION = 2  # 2: rows in per-slice tables behind the snapshot_tasks view; 1: in its table
 _READABLE_FORMATS = frozenset({1, 2})
 _SLICE_TABLE = "snapshot_slice_{}_{:06d}"
 _SLICE_TABLES = ("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' "
                  "AND table_name LIKE 'snapshot_slice_%' ORDER BY table_name")
-_TASK_FIELDS: tuple[str, ...] = Task.__struct_fields__
+_TASK_FIELDS: tuple[str, ...] = TaskRecord.__struct_fields__
 _COUNTER_FIELDS: tuple[str, ...] = Counters.__struct_fields__
 _SOURCE_NAME = re.compile(r"snapshot_slice_\d+_\d{6}|snapshot_tasks_v1")
 _SLICE_ROWS = 20_000  # decode+append this many tasks per step: bounds GIL hold time and buffer memory
 
 _RAW_LIST = msgspec.msgpack.Decoder(list[msgspec.Raw])
-_TASK = msgspec.msgpack.Decoder(Task)
+_TASK = msgspec.msgpack.Decoder(TaskRecord)
 _ENCODER = msgspec.msgpack.Encoder()
 
 _INSERT_SNAPSHOT = (
@@ -65,7 +65,7 @@ class SnapshotStore:
         self._db = db
 
     def write(self, tasks_blob: bytes | bytearray, counters: Counters, wal_segment: int) -> int:
-        """Stores the tasks in `tasks_blob` (msgpack of list[Task]) as the only snapshot; returns its id.
+        """Stores the tasks in `tasks_blob` (msgpack of list[TaskRecord]) as the only snapshot; returns its id.
 
         One slice: `begin`, `append_slice`, `commit`. The older snapshot goes only at the commit.
         """
@@ -79,7 +79,7 @@ class SnapshotStore:
         return self._db.run_write(_begin_snapshot)
 
     def append_slice(self, snapshot_id: int, tasks_blob: bytes | bytearray) -> int:
-        """Stages the tasks of one msgpack list[Task] slice (one transaction); returns how many."""
+        """Stages the tasks of one msgpack list[TaskRecord] slice (one transaction); returns how many."""
         return self._db.run_write(_append_slice, snapshot_id, tasks_blob)
 
     def commit(self, snapshot_id: int, counters: Counters, wal_segment: int, task_count: int) -> int:
@@ -88,7 +88,7 @@ class SnapshotStore:
         counter_values = [getattr(counters, name) for name in _COUNTER_FIELDS]
         return self._db.run_write(_commit_snapshot, snapshot_id, counter_values, wal_segment, task_count)
 
-    def load_latest(self) -> tuple[list[Task], Counters, int] | None:
+    def load_latest(self) -> tuple[list[TaskRecord], Counters, int] | None:
         """(tasks, counters, wal_segment) of the newest snapshot, or None if there is none."""
         return self._db.run_read(_load_latest, str(self._db.path))
 
@@ -199,7 +199,7 @@ def _check_count(path: str, snapshot_id: int, expected: int, found: int) -> None
                              f"but holds {found}; restore the file from a backup")
 
 
-def _load_latest(cursor: duckdb.DuckDBPyConnection, path: str) -> tuple[list[Task], Counters, int] | None:
+def _load_latest(cursor: duckdb.DuckDBPyConnection, path: str) -> tuple[list[TaskRecord], Counters, int] | None:
     head = _latest_head(cursor)
     if head is None:
         return None
@@ -230,7 +230,7 @@ def _slice_blob(cursor: duckdb.DuckDBPyConnection, snapshot_id: int, table: str)
     result = cursor.execute(f"SELECT {', '.join(_TASK_FIELDS)} FROM {table} WHERE snapshot_id = $1", [snapshot_id])
     while batch := result.fetchmany(_SLICE_ROWS):
         for row in batch:
-            encode_into(Task(*row), blob, -1)
+            encode_into(TaskRecord(*row), blob, -1)
         count += len(batch)
     blob[1:5] = count.to_bytes(4, "big")
     return blob
@@ -245,11 +245,11 @@ def _array_header(count: int) -> bytes:
     return b"\xdd" + count.to_bytes(4, "big")
 
 
-def _fetch_tasks(cursor: duckdb.DuckDBPyConnection, snapshot_id: int) -> list[Task]:
+def _fetch_tasks(cursor: duckdb.DuckDBPyConnection, snapshot_id: int) -> list[TaskRecord]:
     """Streams rows in slices: one `fetchall` of a million rows ran 2x slower (the garbage collector
     walks every row tuple it holds) and materialises the whole result inside DuckDB's memory limit."""
     result = cursor.execute(_LOAD_TASKS, [snapshot_id])
-    tasks: list[Task] = []
+    tasks: list[TaskRecord] = []
     while rows := result.fetchmany(_SLICE_ROWS):
-        tasks += [Task(*row) for row in rows]
+        tasks += [TaskRecord(*row) for row in rows]
     return tasks

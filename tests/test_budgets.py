@@ -17,7 +17,7 @@ from helpers import wait_for
 from test_durability import mount_tmpfs, unmount
 
 from storage.db_process import SNAPSHOT_SLICE_TASKS, DatabaseProcess, _slices
-from storage.model import Counters, Task
+from storage.model import Counters, TaskRecord
 from transport import messages as m
 from transport.client import Client
 from transport.errors import InternalError, QueueFull
@@ -121,9 +121,10 @@ def test_live_tasks_with_large_payloads_survive_a_snapshot_and_a_restart(make_br
     assert {a.task_id: a.payload for a in assignments} == {t: bytes([n]) * (1024 * KIB) for n, t in enumerate(ids)}
 
 
-def _task(n: int, size: int, fill: int = 0) -> Task:
-    return Task(task_id=f"t-{n:06d}", queue="q", kind="k", payload=bytes([fill % 256]) * size, priority=100,
-                state="pending", attempts=0, max_retries=3, lease_ms=1000, submitted_at=1.0, run_at=1.0, ready_seq=n)
+def _task(n: int, size: int, fill: int = 0) -> TaskRecord:
+    return TaskRecord(task_id=f"t-{n:06d}", queue="q", kind="k", payload=bytes([fill % 256]) * size, priority=100,
+                      state="pending", attempts=0, max_retries=3, lease_ms=1000, submitted_at=1.0, run_at=1.0,
+                      ready_seq=n)
 
 
 @pytest.fixture

@@ -16,16 +16,16 @@ from helpers import hub_gaps, wait_for
 
 from storage.database import QueryRefused, QueryTimeout, StorageError
 from storage.db_process import DatabaseProcess, decode_tasks
-from storage.model import Counters, Task
+from storage.model import Counters, TaskRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def finished_task(n: int) -> Task:
+def finished_task(n: int) -> TaskRecord:
     now = time.time()
-    return Task(task_id=f"task-{n:06d}", queue="q", kind="k", payload=b"p" * 10, priority=100, state="completed",
-                attempts=1, max_retries=3, lease_ms=1000, submitted_at=now - 2, run_at=now - 2, started_at=now - 1,
-                finished_at=now, worker_id="w1", result=b"done")
+    return TaskRecord(task_id=f"task-{n:06d}", queue="q", kind="k", payload=b"p" * 10, priority=100,
+                      state="completed", attempts=1, max_retries=3, lease_ms=1000, submitted_at=now - 2, run_at=now - 2,
+                      started_at=now - 1, finished_at=now, worker_id="w1", result=b"done")
 
 
 @pytest.fixture

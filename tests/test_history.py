@@ -12,14 +12,14 @@ import pytest
 
 from storage.database import SCHEMA_VERSION, Database, QueryRefused, QueryTimeout, StorageError
 from storage.history import HISTORY_COLUMNS_DOC, QUERY_MAX_ROWS, TaskHistory
-from storage.model import Task
+from storage.model import TaskRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
 
 
-def finished_task(i: int, *, finished_at: float | None = None, started: bool = True) -> Task:
-    return Task(
+def finished_task(i: int, *, finished_at: float | None = None, started: bool = True) -> TaskRecord:
+    return TaskRecord(
         task_id=f"task-{i:06d}", queue="default", kind="email.send", payload=b"x" * 100, priority=150,
         state="completed" if i % 3 else "failed", attempts=1, max_retries=3, lease_ms=30_000,
         submitted_at=T0 + i + 0.123456, run_at=T0 + i + 0.5, started_at=T0 + i + 1.25 if started else None,

@@ -20,7 +20,7 @@ from helpers import wait_for
 
 from actors.worker.sdk import TaskHandle
 from storage.db_process import DatabaseProcess
-from storage.model import Task
+from storage.model import TaskRecord
 from transport import messages as m
 from transport.client import Client
 from transport.errors import BadRequest, NotFound, Unavailable
@@ -140,8 +140,8 @@ def test_killing_the_database_process_under_load_never_duplicates_history(
     assert client.status(completed[0]).state == "completed"
 
 
-def finished_task(n: int) -> Task:
+def finished_task(n: int) -> TaskRecord:
     now = time.time()
-    return Task(task_id=f"task-{n:06d}", queue="q", kind="k", payload=b"", priority=100, state="completed",
-                attempts=1, max_retries=3, lease_ms=1000, submitted_at=now - 2, run_at=now - 2, started_at=now - 1,
-                finished_at=now, worker_id="w1", result=b"done")
+    return TaskRecord(task_id=f"task-{n:06d}", queue="q", kind="k", payload=b"", priority=100,
+                      state="completed", attempts=1, max_retries=3, lease_ms=1000, submitted_at=now - 2, run_at=now - 2,
+                      started_at=now - 1, finished_at=now, worker_id="w1", result=b"done")

@@ -24,7 +24,7 @@ from actors.task_states import TaskIds
 from storage.database import Database
 from storage.history import TaskHistory
 from storage.history_ids import KEY_SQL, id_key
-from storage.model import Task
+from storage.model import TaskRecord
 from transport import messages as m
 from transport.client import Client
 from transport.errors import NotFound, Unavailable
@@ -41,10 +41,10 @@ def finish_each_with_its_id(client: Client, count: int) -> list[str]:
     return ids
 
 
-def finished(task_id: str, finished_at: float) -> Task:
-    return Task(task_id=task_id, queue="q", kind="k", payload=b"", priority=100, state="completed", attempts=1,
-                max_retries=3, lease_ms=1000, submitted_at=finished_at - 1, run_at=finished_at - 1,
-                started_at=finished_at - 0.5, finished_at=finished_at, worker_id="w1", result=task_id.encode())
+def finished(task_id: str, finished_at: float) -> TaskRecord:
+    return TaskRecord(task_id=task_id, queue="q", kind="k", payload=b"", priority=100, state="completed", attempts=1,
+                      max_retries=3, lease_ms=1000, submitted_at=finished_at - 1, run_at=finished_at - 1,
+                      started_at=finished_at - 0.5, finished_at=finished_at, worker_id="w1", result=task_id.encode())
 
 
 def some_ids(count: int) -> list[str]:

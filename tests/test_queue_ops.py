@@ -16,8 +16,8 @@ from storage.model import (
     Counters,
     OpsState,
     QueueSettingsSet,
-    Task,
     TaskDied,
+    TaskRecord,
     TasksRequeued,
     TaskSubmitted,
     apply_record,
@@ -268,9 +268,9 @@ def test_a_cursor_the_broker_did_not_give_is_a_bad_request(broker: BrokerProcess
 # ------------------------------------------------------------------ the browse log, on its own
 
 
-def pending_task(i: int, queue: str = "q") -> Task:
-    return Task(task_id=f"t{i}", queue=queue, kind="k", payload=b"", priority=150, state="pending", attempts=0,
-                max_retries=0, lease_ms=1000, submitted_at=0.0, run_at=0.0, ready_seq=i)
+def pending_task(i: int, queue: str = "q") -> TaskRecord:
+    return TaskRecord(task_id=f"t{i}", queue=queue, kind="k", payload=b"", priority=150, state="pending", attempts=0,
+                      max_retries=0, lease_ms=1000, submitted_at=0.0, run_at=0.0, ready_seq=i)
 
 
 def test_a_drained_queue_keeps_no_more_than_the_slack_of_stale_browse_entries() -> None:
@@ -303,7 +303,7 @@ def test_a_live_page_skips_tasks_that_moved_on_and_resumes_after_its_cursor() ->
 
 
 def test_each_queue_operation_record_replayed_twice_changes_nothing_more_than_once() -> None:
-    def replay(times: int) -> tuple[dict[str, Task], Counters, OpsState]:
+    def replay(times: int) -> tuple[dict[str, TaskRecord], Counters, OpsState]:
         tasks, counters, ops = {}, Counters(), OpsState()
         records = [TaskSubmitted(task=pending_task(1)),
                    TaskDied(task_id="t1", attempts=1, finished_at=5.0, worker_id="w", error="boom"),

@@ -13,9 +13,9 @@ from storage.database import Database
 from storage.model import (
     Counters,
     LeasesRenewed,
-    Task,
     TaskChanged,
     TaskFinished,
+    TaskRecord,
     TaskSubmitted,
     WalRecord,
     apply_record,
@@ -28,8 +28,8 @@ T0 = 1_700_000_000.0
 _RECORDS = msgspec.msgpack.Decoder(list[WalRecord])
 
 
-def new_task(i: int) -> Task:
-    return Task(
+def new_task(i: int) -> TaskRecord:
+    return TaskRecord(
         task_id=f"task-{i:06d}", queue=f"q{i % 3}", kind="resize", payload=bytes([i % 256]) * 20,
         priority=(i * 37) % 256, state="pending", attempts=0, max_retries=2, lease_ms=30_000,
         submitted_at=T0 + i, run_at=T0 + i, ready_seq=i, unique_key=f"u{i}" if i % 4 == 0 else None,
@@ -75,8 +75,8 @@ def encode_tasks(numbers: range) -> bytes:
 
 
 def apply_all(
-    records: list[WalRecord], tasks: dict[str, Task] | None = None, counters: Counters | None = None
-) -> tuple[dict[str, Task], Counters, list[Task]]:
+    records: list[WalRecord], tasks: dict[str, TaskRecord] | None = None, counters: Counters | None = None
+) -> tuple[dict[str, TaskRecord], Counters, list[TaskRecord]]:
     tasks = {} if tasks is None else tasks
     counters = Counters() if counters is None else counters
     finished = [done for r in copy(records) if (done := apply_record(r, tasks, counters)) is not None]
@@ -160,7 +160,7 @@ def test_a_snapshot_then_more_wal_records_recover_to_the_same_state(data_dir: Pa
 
 
 def test_counters_and_every_task_field_are_restored_from_a_snapshot(data_dir: Path, db: Database) -> None:
-    full = Task(
+    full = TaskRecord(
         task_id="t-full", queue="q", kind="k", payload=b"\x00\xff" * 10, priority=255, state="running",
         attempts=2, max_retries=5, lease_ms=1000, submitted_at=T0 + 0.123456789, run_at=T0 + 2.5,
         ready_seq=2**40, unique_key="u", started_at=T0 + 3.5, finished_at=None, worker_id="w",
@@ -217,7 +217,7 @@ def test_snapshot_tables_mirror_the_task_and_counters_structs(db: Database) -> N
     def columns(table: str) -> list[str]:
         return [row[0] for row in db.run_read(lambda cur: cur.execute(f"DESCRIBE {table}").fetchall())]
 
-    assert columns("snapshot_tasks") == ["snapshot_id", *Task.__struct_fields__]
+    assert columns("snapshot_tasks") == ["snapshot_id", *TaskRecord.__struct_fields__]
     assert set(Counters.__struct_fields__) <= set(columns("snapshots"))
 
 
@@ -242,6 +242,6 @@ def test_the_streamed_snapshot_blob_decodes_to_the_same_tasks(db: Database, coun
     assert latest is not None
     snapshot_id, counters, segment, task_count, tables = latest
     loaded = [t for table in tables for t in msgspec.msgpack.decode(store.slice_blob(snapshot_id, table),
-                                                                     type=list[Task])]
+                                                                     type=list[TaskRecord])]
     assert loaded == tasks
     assert (counters, segment, task_count) == (Counters(submitted_total=count), 2, count)

@@ -22,10 +22,10 @@ from storage.model import (
     DeadRemoved,
     LeasesRenewed,
     OpsState,
-    Task,
     TaskChanged,
     TaskDied,
     TaskFinished,
+    TaskRecord,
     TasksRequeued,
     TaskState,
     TaskSubmitted,
@@ -42,17 +42,17 @@ class _Live:
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.tasks: dict[str, Task] = {}
+        self.tasks: dict[str, TaskRecord] = {}
         self.counters = Counters()
         self.next_id = 0
         self.seq = 0
 
-    def new_task(self) -> Task:
+    def new_task(self) -> TaskRecord:
         self.next_id += 1
         self.seq += 1
-        return Task(task_id=f"t{self.next_id:06d}", queue="q", kind="k", payload=b"p%d" % self.next_id, priority=0,
-                    state=TaskState.PENDING, attempts=0, max_retries=3, lease_ms=1000, submitted_at=1.0,
-                    run_at=1.0, ready_seq=self.seq)
+        return TaskRecord(task_id=f"t{self.next_id:06d}", queue="q", kind="k", payload=b"p%d" % self.next_id,
+                          priority=0, state=TaskState.PENDING, attempts=0, max_retries=3, lease_ms=1000,
+                          submitted_at=1.0, run_at=1.0, ready_seq=self.seq)
 
     def random_record(self) -> WalRecord:
         """A record the queue actor could write now (its preconditions hold in the live state)."""
@@ -96,7 +96,7 @@ class _Live:
         return encoded
 
 
-def _snapshot_while_changing(seed: int) -> tuple[_Live, list[Task], Counters, list[bytes]]:
+def _snapshot_while_changing(seed: int) -> tuple[_Live, list[TaskRecord], Counters, list[bytes]]:
     """Builds a live state, rotates, copies the image in slices with random changes between them."""
     rng = random.Random(seed)
     live = _Live(rng)
@@ -105,7 +105,7 @@ def _snapshot_while_changing(seed: int) -> tuple[_Live, list[Task], Counters, li
     image = SnapshotImage()
     counters, count = image.start(live.tasks, live.counters)
     after_rotation: list[bytes] = []
-    copies: list[Task] = []
+    copies: list[TaskRecord] = []
     while len(copies) < count:
         for _ in range(rng.randint(0, 6)):
             after_rotation.append(live.change())
@@ -115,7 +115,8 @@ def _snapshot_while_changing(seed: int) -> tuple[_Live, list[Task], Counters, li
     return live, copies, counters, after_rotation
 
 
-def _recover(copies: list[Task], counters: Counters, records: list[bytes], as_written: bool) -> tuple[dict, Counters]:
+def _recover(copies: list[TaskRecord], counters: Counters, records: list[bytes],
+             as_written: bool) -> tuple[dict, Counters]:
     tasks = {t.task_id: msgspec.structs.replace(t) for t in copies}
     counters = msgspec.structs.replace(counters)
     for encoded in records:

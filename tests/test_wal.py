@@ -16,7 +16,7 @@ from pathlib import Path
 import gevent.event
 import pytest
 
-from storage.model import LeasesRenewed, Task, TaskChanged, TaskFinished, TaskSubmitted, WalRecord
+from storage.model import LeasesRenewed, TaskChanged, TaskFinished, TaskRecord, TaskSubmitted, WalRecord
 from storage.wal import (
     FREE_CACHE_FLOOR,
     FREE_CACHE_S,
@@ -33,8 +33,8 @@ WAIT = 5.0  # upper bound for waiting on an event; the waits end as soon as it i
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_task(i: int) -> Task:
-    return Task(
+def make_task(i: int) -> TaskRecord:
+    return TaskRecord(
         task_id=f"task-{i:06d}", queue="default", kind="email.send", payload=b"p" * (i % 50),
         priority=150, state="pending", attempts=0, max_retries=3, lease_ms=30_000,
         submitted_at=1_700_000_000.0 + i, run_at=1_700_000_000.0 + i, ready_seq=i,
@@ -42,7 +42,7 @@ def make_task(i: int) -> Task:
 
 
 def every_record_type() -> list[WalRecord]:
-    full = Task(
+    full = TaskRecord(
         task_id="t-full", queue="q", kind="k", payload=b"\x00\xff", priority=255, state="running",
         attempts=2, max_retries=5, lease_ms=1000, submitted_at=1.5, run_at=2.5, ready_seq=7,
         unique_key="u", started_at=3.5, finished_at=None, worker_id="w", lease_expires_at=4.5,
@@ -372,15 +372,15 @@ def test_close_is_idempotent_and_a_closed_log_refuses_appends(wal_dir: Path) -> 
 
 WRITER_SCRIPT = """
 import sys
-from storage.model import Task, TaskSubmitted
+from storage.model import TaskRecord, TaskSubmitted
 from storage.wal import WriteAheadLog
 wal = WriteAheadLog(sys.argv[1], segment_bytes=64 * 1024)
 wal.open()
 n = 0
 while True:
-    batch = [TaskSubmitted(Task(task_id=str(n + i), queue="q", kind="k", payload=b"x" * 300, priority=1,
-                                state="pending", attempts=0, max_retries=0, lease_ms=1000, submitted_at=0.0,
-                                run_at=0.0)) for i in range(50)]
+    batch = [TaskSubmitted(TaskRecord(task_id=str(n + i), queue="q", kind="k", payload=b"x" * 300, priority=1,
+                                      state="pending", attempts=0, max_retries=0, lease_ms=1000, submitted_at=0.0,
+                                      run_at=0.0)) for i in range(50)]
     wal.append(batch)
     n += len(batch)
     print(n, flush=True)

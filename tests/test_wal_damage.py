@@ -26,7 +26,7 @@ from conftest import ROOT, BrokerProcess, free_port
 from storage.database import _open_error
 from storage.db_process import DatabaseProcess
 from storage.errors import StorageCorrupt
-from storage.model import Counters, LeasesRenewed, Task, TaskChanged, TaskFinished, TaskSubmitted, WalRecord
+from storage.model import Counters, LeasesRenewed, TaskChanged, TaskFinished, TaskRecord, TaskSubmitted, WalRecord
 from storage.wal import WalCorruptError, WriteAheadLog, list_segments, read_segments, segment_path, wal_directory
 from storage.wal_format import HEADER_V1, RECORD_HEAD
 from transport import messages as m
@@ -35,8 +35,8 @@ from transport.errors import InternalError
 TASKS = 30
 
 
-def make_task(i: int) -> Task:
-    return Task(
+def make_task(i: int) -> TaskRecord:
+    return TaskRecord(
         task_id=f"task-{i:06d}", queue="default", kind="email.send", payload=b"p" * (i % 50),
         priority=150, state="pending", attempts=0, max_retries=3, lease_ms=30_000,
         submitted_at=1_700_000_000.0 + i, run_at=1_700_000_000.0 + i, ready_seq=i,
@@ -325,11 +325,11 @@ def unique_bytes(tag: str, i: int, size: int) -> bytes:
     return random.Random(f"{tag}{i}").randbytes(size)
 
 
-def stored_task(i: int, state: str, tag: str) -> Task:
-    return Task(task_id=f"{tag}-{i:06d}", queue="q", kind="k", payload=unique_bytes(tag, i, 100), priority=1,
-                state=state, attempts=1, max_retries=3, lease_ms=1000, submitted_at=1.7e9 + i, run_at=1.7e9 + i,
-                ready_seq=i, finished_at=1.7e9 + i + 1 if state == "completed" else None,
-                result=unique_bytes(tag, i, 100) if state == "completed" else None)
+def stored_task(i: int, state: str, tag: str) -> TaskRecord:
+    return TaskRecord(task_id=f"{tag}-{i:06d}", queue="q", kind="k", payload=unique_bytes(tag, i, 100), priority=1,
+                      state=state, attempts=1, max_retries=3, lease_ms=1000, submitted_at=1.7e9 + i, run_at=1.7e9 + i,
+                      ready_seq=i, finished_at=1.7e9 + i + 1 if state == "completed" else None,
+                      result=unique_bytes(tag, i, 100) if state == "completed" else None)
 
 
 @pytest.fixture
