@@ -15,6 +15,17 @@ import msgspec
 from transport.frames import FrameReader
 
 
+def non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine outside loopback (to connect from as a "remote" peer), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.123", 9))  # no packet is sent; this only picks the outgoing address
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Polls `predicate` until it returns something truthy (returned), or fails the test at the deadline.
 

@@ -25,6 +25,7 @@ from conftest import ROOT, BrokerProcess, free_port
 
 from actors import context as broker_context
 from actors.context import ApiKeys
+from tests.helpers import non_loopback_ipv4
 from transport.client import Client
 from transport.errors import BrokerUnreachable, ClientError, RequestTimeout, Unauthorized
 from transport.frames import FrameReader, decode_response, encode_frame
@@ -230,15 +231,6 @@ def test_text_logging_appends_the_context_fields(make_broker: Callable[..., Brok
 
 # ------------------------------------------------------------------ protected mode
 
-
-def non_loopback_ipv4() -> str | None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.123", 9))  # no packet is sent; this only picks the outgoing address
-            address = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 def test_a_remote_peer_without_auth_is_refused_in_protected_mode(make_broker: Callable[..., BrokerProcess]) -> None:

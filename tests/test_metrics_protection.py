@@ -7,7 +7,6 @@ values are capped at monitoring.max_queue_labels (+ "_other")."""
 
 from __future__ import annotations
 
-import subprocess
 import urllib.error
 import urllib.request
 
@@ -16,24 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.metrics import OTHER_QUEUES
 from tests.conftest import BrokerProcess
-from tests.helpers import wait_for
+from tests.helpers import non_loopback_ipv4, wait_for
 from transport.messages import Cancel, Submit, TaskSpec
 
-
-def non_loopback_address() -> str | None:
-    try:
-        out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True,
-                             text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        fields = line.split()
-        if "inet" in fields:
-            return fields[fields.index("inet") + 1].split("/")[0]
-    return None
-
-
-REMOTE = non_loopback_address()
+REMOTE = non_loopback_ipv4()
 needs_remote = pytest.mark.skipif(REMOTE is None, reason="NO NON-LOOPBACK IPv4 ADDRESS ON THIS MACHINE: the "
                                                          "protected-mode HTTP tests cannot reach the broker "
                                                          "from outside loopback")

@@ -27,6 +27,7 @@ import pytest
 from conftest import ROOT, BrokerProcess
 from helpers import RawConn, wait_for
 
+from tests.helpers import non_loopback_ipv4
 from transport import messages as m
 from transport.client import Client
 from transport.errors import BadRequest, InvalidState, NotLeased, QueueFull, TooManyConnections, Unauthorized
@@ -673,19 +674,10 @@ def test_with_auth_requests_pipelined_right_behind_the_hello_are_answered(auth_b
         raw.close()
 
 
-def _non_loopback_address() -> str | None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.254", 9))  # no packet is sent: this only picks the outgoing interface
-            address = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if address.startswith("127.") else address
-
 
 @pytest.fixture(scope="module")
 def remote_address() -> str:
-    address = _non_loopback_address()
+    address = non_loopback_ipv4()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to connect from")
     return address

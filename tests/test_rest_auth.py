@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
+from tests.helpers import non_loopback_ipv4
 from tests.rest_helpers import Http, rest_broker
 
 KEY, READER = "s3cret-write-key", "s3cret-read-key"
@@ -66,19 +65,9 @@ def test_a_change_from_another_origin_is_refused_even_with_a_valid_key(secured) 
     assert broker.client(api_key=KEY).stats().submitted_total == 1
 
 
-def _outside_address() -> str | None:
-    """An address of this machine outside the loopback range, if it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
-            address = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if address.startswith("127.") else address
-
 
 def test_with_auth_off_a_client_outside_loopback_is_refused_like_on_the_tcp_port(make_broker) -> None:
-    address = _outside_address()
+    address = non_loopback_ipv4()
     if address is None:
         pytest.skip("this machine has no non-loopback address to connect from")
     _, port = rest_broker(make_broker, TQ_API__REST_HOST="0.0.0.0")
